@@ -1,0 +1,395 @@
+"""The only code that talks to the Kubernetes API.
+
+:class:`KubeApi` is a small JSON client over the connection pool that the official
+``kubernetes`` package configures (kubeconfig, in-cluster service account, client
+certificates, token refresh). It works with plain dicts instead of the generated
+models: building a model per object is slow and contends on a lock across threads
+(kubernetes-client/python #2284), and the shim only ever needs a few fields.
+
+Every request is retried with exponential backoff on 429, 5xx and connection
+errors, never on other 4xx answers, which are the caller's mistake.
+
+:class:`Watcher` keeps one list+watch per kind for the whole process: it relists on
+410 Gone, restarts a watch that went quiet or dropped, and relists periodically so
+that a missed event can never strand a task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+from urllib.parse import quote, urlencode
+
+import tenacity
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class ApiError(Exception):
+    """An error answer from the API server (or no answer at all, ``status == 0``)."""
+
+    def __init__(self, status: int, reason: str, message: str = "", body: dict | None = None):
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body or {}
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 0 or self.status in RETRYABLE_STATUSES
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiError):
+        return exc.retryable
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+@dataclass
+class RetryPolicy:
+    """How long and how often to retry a failing request."""
+
+    attempts: int = 8
+    initial_wait: float = 0.2
+    max_wait: float = 10.0
+
+    def retrying(self) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_transient),
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    log.warning(
+        "Kubernetes API call failed (%s), retry %d in %.1fs",
+        state.outcome.exception() if state.outcome else "?",
+        state.attempt_number,
+        state.next_action.sleep if state.next_action else 0,
+    )
+
+
+def load_configuration(kubeconfig: str | None = None, context: str | None = None,
+                       in_cluster: bool | None = None) -> k8s_client.Configuration:
+    """Build a client configuration from a kubeconfig file or the pod's service account.
+
+    With ``in_cluster=None`` the service account is used when running in a pod and no
+    kubeconfig was given, like ``kubectl`` and client-go do.
+    """
+    configuration = k8s_client.Configuration()
+    if in_cluster is None:
+        in_cluster = kubeconfig is None and _running_in_cluster()
+    if in_cluster:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    else:
+        k8s_config.load_kube_config(config_file=kubeconfig, context=context,
+                                    client_configuration=configuration)
+    return configuration
+
+
+def _running_in_cluster() -> bool:
+    import os
+
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+class KubeApi:
+    """A JSON client for the Kubernetes REST API with retries.
+
+    Paths are REST paths (``/apis/batch/v1/namespaces/ns/jobs``); bodies and answers
+    are dicts.
+    """
+
+    def __init__(self, configuration: k8s_client.Configuration, retry: RetryPolicy | None = None,
+                 timeout: float = 30.0, on_error: Callable[[ApiError], None] | None = None):
+        configuration.retries = False  # our retry policy is the only one
+        if configuration.connection_pool_maxsize is None or configuration.connection_pool_maxsize < 16:
+            configuration.connection_pool_maxsize = 16
+        self.configuration = configuration
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self.on_error = on_error
+        self._pool = k8s_client.rest.RESTClientObject(configuration).pool_manager
+        self.host = configuration.host.rstrip("/")
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | None = None, context: str | None = None, **kwargs) -> KubeApi:
+        return cls(load_configuration(path, context, in_cluster=False), **kwargs)
+
+    # -- raw requests ------------------------------------------------------------------
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "k8s-celery"}
+        auth = self.configuration.auth_settings().get("BearerToken")
+        if auth and auth.get("value"):
+            headers["Authorization"] = auth["value"]
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def url(self, path: str, params: dict[str, Any] | None = None) -> str:
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        return self.host + path + ("?" + urlencode(query) if query else "")
+
+    def request_once(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                     content_type: str = "application/json", timeout: float | None = None) -> dict:
+        """One request, no retry. Raises :class:`ApiError` on any non-2xx answer."""
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            response = self._pool.request(
+                method, self.url(path, params), body=data,
+                headers=self._headers(content_type if data is not None else None),
+                timeout=urllib3.Timeout(connect=5.0, read=timeout or self.timeout),
+                retries=False, preload_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(0, type(exc).__name__, str(exc)) from exc
+        if not 200 <= response.status < 300:
+            error = _error_from_response(response.status, response.reason, response.data)
+            if self.on_error:
+                self.on_error(error)
+            raise error
+        if not response.data:
+            return {}
+        if "json" not in (response.headers.get("Content-Type") or ""):
+            return {"text": response.data.decode(errors="replace")}
+        return json.loads(response.data)
+
+    def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                content_type: str = "application/json", timeout: float | None = None) -> dict:
+        """A request retried on 429, 5xx and connection errors."""
+        for attempt in self.retry.retrying():
+            with attempt:
+                return self.request_once(method, path, body, params, content_type, timeout)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- verbs -------------------------------------------------------------------------
+
+    def get(self, path: str, **params) -> dict:
+        return self.request("GET", path, params=params)
+
+    def create(self, path: str, body: dict) -> dict:
+        return self.request("POST", path, body)
+
+    def patch(self, path: str, body: dict, strategy: str = "strategic-merge-patch") -> dict:
+        return self.request("PATCH", path, body, content_type=f"application/{strategy}+json")
+
+    def delete(self, path: str, propagation: str | None = "Background",
+               grace_period: int | None = None, uid: str | None = None) -> dict | None:
+        """Delete an object; ``None`` when it was already gone."""
+        options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if propagation:
+            options["propagationPolicy"] = propagation
+        if grace_period is not None:
+            options["gracePeriodSeconds"] = grace_period
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            return self.request("DELETE", path, options)
+        except ApiError as exc:
+            if exc.not_found or (uid and exc.conflict):
+                return None
+            raise
+
+    def list(self, path: str, label_selector: str | None = None, field_selector: str | None = None,
+             limit: int = 500) -> tuple[list[dict], str]:
+        """Every object of a collection (paginated) and the list's resourceVersion."""
+        items: list[dict] = []
+        token = None
+        while True:
+            page = self.get(path, labelSelector=label_selector, fieldSelector=field_selector,
+                            limit=limit, **{"continue": token})
+            items.extend(page.get("items") or [])
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return items, page.get("metadata", {}).get("resourceVersion", "")
+
+    def watch(self, path: str, resource_version: str, label_selector: str | None = None,
+              field_selector: str | None = None, timeout_seconds: int = 300,
+              read_timeout: float = 60.0) -> Iterator[tuple[str, dict]]:
+        """Yield ``(type, object)`` events of one watch request until it ends.
+
+        Raises :class:`ApiError` (``status == 410`` for Gone) for an ``ERROR`` event or
+        an error answer. A read timeout ends the generator with ``TimeoutError``.
+        """
+        params = {"watch": "true", "resourceVersion": resource_version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": timeout_seconds,
+                  "labelSelector": label_selector, "fieldSelector": field_selector}
+        try:
+            response = self._pool.request(
+                "GET", self.url(path, params), headers=self._headers(),
+                timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
+                retries=False, preload_content=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(0, type(exc).__name__, str(exc)) from exc
+        try:
+            if response.status != 200:
+                raise _error_from_response(response.status, response.reason, response.read())
+            buffer = b""
+            for chunk in response.stream(65536, decode_content=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":
+                        status = event.get("object", {})
+                        raise ApiError(status.get("code", 500), status.get("reason", "Error"),
+                                       status.get("message", ""), status)
+                    yield event["type"], event["object"]
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise TimeoutError(f"watch on {path} read nothing for {read_timeout}s") from exc
+        except urllib3.exceptions.ProtocolError as exc:
+            raise ApiError(0, "ProtocolError", str(exc)) from exc
+        finally:
+            response.release_conn()
+
+
+def _error_from_response(status: int, reason: str | None, data: bytes | None) -> ApiError:
+    body: dict = {}
+    message = ""
+    if data:
+        try:
+            body = json.loads(data)
+            message = body.get("message", "")
+        except ValueError:
+            message = data[:500].decode(errors="replace")
+    return ApiError(status, body.get("reason") or reason or "", message, body)
+
+
+def collection_path(kind: str, namespace: str | None = None) -> str:
+    """REST path of a collection: ``collection_path('jobs', 'ns')``."""
+    group = {"jobs": "/apis/batch/v1", "leases": "/apis/coordination.k8s.io/v1",
+             "roles": "/apis/rbac.authorization.k8s.io/v1",
+             "rolebindings": "/apis/rbac.authorization.k8s.io/v1",
+             "selfsubjectaccessreviews": "/apis/authorization.k8s.io/v1",
+             }.get(kind, "/api/v1")
+    if namespace:
+        return f"{group}/namespaces/{quote(namespace)}/{kind}"
+    return f"{group}/{kind}"
+
+
+def object_path(kind: str, namespace: str | None, name: str, subresource: str = "") -> str:
+    """REST path of one object (and optionally a subresource such as ``status``)."""
+    path = f"{collection_path(kind, namespace)}/{quote(name)}"
+    return f"{path}/{subresource}" if subresource else path
+
+
+EventHandler = Callable[[str, dict], None]
+SyncHandler = Callable[[list[dict]], None]
+
+
+class Watcher:
+    """One list+watch of a kind, in its own thread, for the whole process.
+
+    ``on_event(type, obj)`` gets every ADDED/MODIFIED/DELETED event. ``on_sync(objects)``
+    gets the complete current list after every (re)list, so that the handler can
+    notice objects that vanished while no watch was open.
+    """
+
+    def __init__(self, api: KubeApi, path: str, on_event: EventHandler,
+                 on_sync: SyncHandler | None = None, label_selector: str | None = None,
+                 field_selector: str | None = None, resync_period: float = 300.0,
+                 read_timeout: float = 60.0, name: str | None = None):
+        self.api = api
+        self.path = path
+        self.on_event = on_event
+        self.on_sync = on_sync
+        self.label_selector = label_selector
+        self.field_selector = field_selector
+        self.resync_period = resync_period
+        self.read_timeout = read_timeout
+        self.name = name or f"watch {path}"
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.relists = 0
+        self.restarts = 0
+
+    def start(self) -> Watcher:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self._synced.wait(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._list_then_watch()
+                backoff = 0.2
+            except Exception as exc:  # any failure: back off, relist
+                if self._stop.is_set():
+                    break
+                log.warning("%s failed (%s); relisting in %.1fs", self.name, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _list_then_watch(self) -> None:
+        objects, resource_version = self.api.list(self.path, self.label_selector, self.field_selector)
+        self.relists += 1
+        if self.on_sync:
+            self.on_sync(objects)
+        self._synced.set()
+        deadline = time.monotonic() + self.resync_period
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                resource_version = self._watch_from(resource_version)
+            except TimeoutError:
+                self.restarts += 1  # quiet or dropped connection: watch again
+            except ApiError as exc:
+                if exc.gone:
+                    log.info("%s: resourceVersion %s is gone (410); relisting",
+                             self.name, resource_version)
+                    return
+                if exc.status == 0:
+                    self.restarts += 1
+                    self._stop.wait(0.2)
+                    continue
+                raise
+
+    def _watch_from(self, resource_version: str) -> str:
+        timeout = random.randint(240, 300)  # spread reconnects of many watchers
+        for event_type, obj in self.api.watch(
+                self.path, resource_version, self.label_selector, self.field_selector,
+                timeout_seconds=timeout, read_timeout=self.read_timeout):
+            resource_version = obj.get("metadata", {}).get("resourceVersion") or resource_version
+            if event_type != "BOOKMARK":
+                self.on_event(event_type, obj)
+            if self._stop.is_set():
+                break
+        return resource_version

@@ -1,0 +1,151 @@
+"""Build etcd, kube-apiserver, kube-controller-manager and kubectl from Go modules.
+
+Nothing here downloads a prebuilt binary: the pinned releases are compiled from the
+Go module proxy with the machine's Go toolchain into a cache outside the source tree
+(``~/.cache/k8s-celery`` or ``$K8S_CELERY_CACHE``). The build is idempotent; point
+``K8S_CELERY_BIN_DIR`` at a directory of existing binaries to skip it.
+
+``python -m k8s_celery.testing.binaries`` builds (when needed) and prints the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KUBERNETES_VERSION = "v1.33.13"
+#: The etcd server release that the pinned Kubernetes release itself depends on.
+ETCD_VERSION = "v3.5.21"
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+
+ETCD_MAIN = """\
+// Command etcd is the upstream etcd server, built from its Go module.
+package main
+
+import (
+\t"os"
+
+\t"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+"""
+
+
+class BinariesMissing(RuntimeError):
+    """The control-plane binaries are neither built nor pointed at."""
+
+
+def cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k8s-celery"
+    return Path(os.environ.get("K8S_CELERY_CACHE", default))
+
+
+def build_dir() -> Path:
+    return cache_root() / f"kubernetes-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}" / "bin"
+
+
+def binary_dir(build: bool = False) -> Path:
+    """The directory holding every control-plane binary, building it if asked to."""
+    configured = os.environ.get("K8S_CELERY_BIN_DIR")
+    directory = Path(configured) if configured else build_dir()
+    missing = [name for name in BINARIES if not os.access(directory / name, os.X_OK)]
+    if not missing:
+        return directory
+    if configured:
+        raise BinariesMissing(f"K8S_CELERY_BIN_DIR={configured} lacks {', '.join(missing)}")
+    if not build:
+        raise BinariesMissing(
+            f"{', '.join(missing)} not built in {directory}; run "
+            "`python -m k8s_celery.testing.binaries` (or scripts/build-control-plane.sh)")
+    return build_binaries(directory)
+
+
+def staging_replaces(upstream_gomod: str, kubernetes_version: str = KUBERNETES_VERSION) -> list[str]:
+    """``replace`` lines mapping each staging module to its published version.
+
+    ``k8s.io/kubernetes`` replaces its staging modules with ``./staging/...`` paths,
+    which do not exist outside its repository; their published tags are
+    ``v0.<minor>.<patch>`` for Kubernetes ``v1.<minor>.<patch>``.
+    """
+    staging_version = "v0." + kubernetes_version.removeprefix("v1.")
+    modules = re.findall(r"^\s*(k8s\.io/[^\s]+)\s+=>\s+\./staging/", upstream_gomod, re.MULTILINE)
+    return [f"{module} => {module} {staging_version}" for module in modules]
+
+
+def wrapper_gomod(upstream_gomod: str) -> str:
+    replaces = "\n".join(f"\t{line}" for line in staging_replaces(upstream_gomod))
+    return (
+        "module k8s-celery/control-plane\n\n"
+        f"go 1.24\n\n"
+        f"require (\n\tk8s.io/kubernetes {KUBERNETES_VERSION}\n"
+        f"\tgo.etcd.io/etcd/server/v3 {ETCD_VERSION}\n)\n\n"
+        f"replace (\n{replaces}\n)\n"
+    )
+
+
+def _go() -> str:
+    go = os.environ.get("GO") or shutil.which("go") or "/usr/local/go/bin/go"
+    if not os.access(go, os.X_OK):
+        raise BinariesMissing("Go is needed to build the local control plane; none found")
+    return go
+
+
+def _version_ldflags() -> str:
+    major, minor, _ = KUBERNETES_VERSION.removeprefix("v").split(".")
+    flags = ["-s", "-w"]
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {package}.gitVersion={KUBERNETES_VERSION}", f"-X {package}.gitMajor={major}",
+                  f"-X {package}.gitMinor={minor}", f"-X {package}.gitTreeState=clean"]
+    return " ".join(flags)
+
+
+def build_binaries(target: Path) -> Path:
+    """Compile the pinned releases into ``target`` (replaced atomically)."""
+    go = _go()
+    env = dict(os.environ, GOFLAGS="-mod=mod", CGO_ENABLED="0", GOTOOLCHAIN="local")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="k8s-celery-build-") as work:
+        print(f"building Kubernetes {KUBERNETES_VERSION} and etcd {ETCD_VERSION} in {work}",
+              file=sys.stderr)
+        download = subprocess.run(
+            [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
+            cwd=work, env=env, check=True, capture_output=True, text=True)
+        upstream_gomod = Path(json.loads(download.stdout)["GoMod"]).read_text()
+        Path(work, "go.mod").write_text(wrapper_gomod(upstream_gomod))
+        Path(work, "cmd", "etcd").mkdir(parents=True)
+        Path(work, "cmd", "etcd", "main.go").write_text(ETCD_MAIN)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        subprocess.run(
+            [go, "build", "-trimpath", "-tags", "selinux,notest", "-ldflags", _version_ldflags(),
+             "-o", f"{partial}/", "./cmd/etcd", "k8s.io/kubernetes/cmd/kube-apiserver",
+             "k8s.io/kubernetes/cmd/kube-controller-manager", "k8s.io/kubernetes/cmd/kubectl"],
+            cwd=work, env=env, check=True)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
+    print(f"built in {time.monotonic() - started:.0f}s: {size:.0f} MiB of binaries in {target}",
+          file=sys.stderr)
+    return target
+
+
+def main() -> int:
+    try:
+        print(binary_dir(build=True))
+    except (BinariesMissing, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
