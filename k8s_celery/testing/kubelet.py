@@ -511,7 +511,9 @@ class ProcessKubelet:
         self.unpullable_images = tuple(unpullable_images)
         self.simulate = simulate
         self.max_grace_period = max_grace_period
-        self.base_env = dict(env) if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        # This machine is the "image": its Python (the one running us first) and tools.
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
+        self.base_env = {"PATH": path, "LANG": "C.UTF-8", **(env or {})}
         if api_server_port:
             self.base_env.update(KUBERNETES_SERVICE_HOST="127.0.0.1",
                                  KUBERNETES_SERVICE_PORT=str(api_server_port))

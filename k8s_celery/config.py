@@ -1,0 +1,201 @@
+"""Settings and per-queue Job manifests, validated.
+
+Every setting is a Celery configuration key (``k8s_celery_*``) and an environment
+variable (``K8S_CELERY_*``); the environment wins, so that a deployment can override
+what the app ships. Manifests live at ``<manifests dir>/<queue>/manifest.json`` (or
+``.yaml``/``.yml``); ``K8S_CELERY_JOB_MANIFEST`` (a path, or the manifest itself) is
+the fallback for every queue without its own file. Manifests are read each time a
+Job is launched, so edits apply to the next task.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import ConfigError, ManifestError
+
+MANIFEST_NAMES = ("manifest.json", "manifest.yaml", "manifest.yml")
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+DEFAULT_KUBERNETES_VERSION = "1.33"
+
+
+def _seconds(value: Any) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _count(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _optional_str(value: Any) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _command(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else value.split()
+    if not value or not all(isinstance(part, str) for part in value):
+        raise ValueError("must be a non-empty list of strings")
+    return list(value)
+
+
+@dataclass
+class Settings:
+    """Everything the shim and the pod runner are configured with."""
+
+    manifests_dir: str = "/etc/k8s-celery/manifests"
+    job_manifest: str | None = None
+    namespace: str | None = None
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    app: str | None = None
+    pending_timeout: float = 300.0
+    max_lost_attempts: int = 3
+    job_ttl: float = 3600.0
+    drain_timeout: float = 20.0
+    runner_command: list[str] = field(default_factory=lambda: ["k8s-celery", "run-task"])
+    kubernetes_version: str = DEFAULT_KUBERNETES_VERSION
+    watch_resync: float = 300.0
+    launch_threads: int = 4
+
+    @classmethod
+    def parsers(cls) -> dict[str, Callable[[Any], Any]]:
+        return {
+            "manifests_dir": str, "job_manifest": _optional_str, "namespace": _optional_str,
+            "kubeconfig": _optional_str, "kube_context": _optional_str, "app": _optional_str,
+            "pending_timeout": _seconds, "max_lost_attempts": _count, "job_ttl": _seconds,
+            "drain_timeout": _seconds, "runner_command": _command, "kubernetes_version": str,
+            "watch_resync": _seconds, "launch_threads": _count,
+        }
+
+    @classmethod
+    def load(cls, conf: Any = None, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """Settings from explicit overrides, then ``K8S_CELERY_*``, then ``k8s_celery_*`` keys."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, parse in cls.parsers().items():
+            env_name = f"K8S_CELERY_{name.upper()}"
+            if overrides.get(name) is not None:
+                raw, source = overrides[name], f"option {name}"
+            elif env_name in environ:
+                raw, source = environ[env_name], f"environment variable {env_name}"
+            elif conf is not None and conf.get(f"k8s_celery_{name}") is not None:
+                raw, source = conf.get(f"k8s_celery_{name}"), f"Celery setting k8s_celery_{name}"
+            else:
+                continue
+            try:
+                values[name] = parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"invalid value {raw!r}: {exc}", source=source) from exc
+        if "kubeconfig" not in values and environ.get("KUBECONFIG"):
+            values["kubeconfig"] = environ["KUBECONFIG"]
+        return cls(**values)
+
+    def resolved_namespace(self) -> str:
+        """The configured namespace, else the pod's own, else ``default``."""
+        if self.namespace:
+            return self.namespace
+        try:
+            return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip() or "default"
+        except OSError:
+            return "default"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ManifestStore:
+    """Finds, parses and validates the Job manifest of each queue."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def path_for(self, queue: str) -> Path | None:
+        directory = Path(self.settings.manifests_dir) / queue
+        for name in MANIFEST_NAMES:
+            if (directory / name).is_file():
+                return directory / name
+        return None
+
+    def has_manifest(self, queue: str) -> bool:
+        return self.path_for(queue) is not None or bool(self.settings.job_manifest)
+
+    def load(self, queue: str) -> dict:
+        """The validated manifest for ``queue`` (a fresh copy, read now)."""
+        path = self.path_for(queue)
+        if path is not None:
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ManifestError(f"cannot read: {exc}", source=str(path)) from exc
+            return validate_job_manifest(parse_manifest(text, str(path)), str(path),
+                                         self.settings.kubernetes_version)
+        fallback = self.settings.job_manifest
+        if not fallback:
+            raise ManifestError(
+                f"no manifest for queue {queue!r}: expected one of "
+                f"{', '.join(MANIFEST_NAMES)} in {Path(self.settings.manifests_dir) / queue}, "
+                "or K8S_CELERY_JOB_MANIFEST", source=str(Path(self.settings.manifests_dir) / queue))
+        source = "K8S_CELERY_JOB_MANIFEST"
+        if not fallback.lstrip().startswith(("{", "apiVersion", "kind", "---")) and Path(fallback).is_file():
+            source, fallback = fallback, Path(fallback).read_text()
+        return validate_job_manifest(parse_manifest(fallback, source), source,
+                                     self.settings.kubernetes_version)
+
+    def check(self, queues: list[str]) -> None:
+        """Load every queue's manifest now; raise the first problem."""
+        for queue in queues:
+            self.load(queue)
+
+
+def parse_manifest(text: str, source: str) -> dict:
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"not valid JSON or YAML: {exc}", source=source) from exc
+    if len(documents) != 1:
+        raise ManifestError(f"expected exactly one document, found {len(documents)}", source=source)
+    if not isinstance(documents[0], dict):
+        raise ManifestError("the manifest must be a mapping (a Job object)", source=source)
+    return documents[0]
+
+
+def validate_job_manifest(manifest: dict, source: str, kubernetes_version: str) -> dict:
+    """Check that ``manifest`` is a valid batch/v1 Job; return a copy of it."""
+    if manifest.get("apiVersion") != "batch/v1" or manifest.get("kind") != "Job":
+        raise ManifestError(f"must be apiVersion batch/v1, kind Job; got "
+                            f"{manifest.get('apiVersion')!r}, {manifest.get('kind')!r}",
+                            source=source, field="kind")
+    validate_object(manifest, source, kubernetes_version)
+    containers = manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []
+    if not containers:
+        raise ManifestError("the pod template needs at least one container", source=source,
+                            field="spec.template.spec.containers")
+    return copy.deepcopy(manifest)
+
+
+def validate_object(obj: dict, source: str, kubernetes_version: str) -> None:
+    """Validate against the Kubernetes OpenAPI schema (strict: unknown fields fail)."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = ".".join(str(part) for part in exc.path) or "(root)"
+        raise ManifestError(exc.message, source=source, field=where) from exc
+    except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
+        raise ManifestError(f"cannot validate for Kubernetes {kubernetes_version}: {exc}",
+                            source=source) from exc

@@ -1,0 +1,222 @@
+"""Pure functions: a queue's Job template and a task -> the Job and Secret objects.
+
+Names are deterministic: the same task id and attempt always give the same Job
+name, so a redelivered message finds the Job of an earlier delivery instead of
+creating a second one. The payload travels in a Secret owned by the Job, mounted
+into the pod; it never appears in the pod spec.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from kombu.utils.json import dumps as json_dumps
+
+from .errors import PayloadTooLarge, TaskLaunchError
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "k8s-celery"
+LABEL_QUEUE = "k8s-celery.io/queue"
+LABEL_TASK_NAME = "k8s-celery.io/task-name"
+LABEL_TASK_HASH = "k8s-celery.io/task-hash"
+LABEL_ATTEMPT = "k8s-celery.io/attempt"
+ANNOTATION_TASK_ID = "k8s-celery.io/task-id"
+ANNOTATION_TASK_NAME = "k8s-celery.io/task-name"
+ANNOTATION_QUEUE = "k8s-celery.io/queue"
+
+PAYLOAD_KEY = "payload.json"
+PAYLOAD_VOLUME = "k8s-celery-payload"
+PAYLOAD_DIR = "/var/run/k8s-celery"
+#: Kubernetes refuses Secrets over 1 MiB; leave room for metadata and base64.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+SECRET_LIMIT = 1024 * 1024
+
+#: What a task may override in its pod (declared in code: ``@app.task(kubernetes={...})``).
+TASK_OVERRIDE_KEYS = frozenset({"resources", "nodeSelector", "tolerations", "env", "affinity",
+                                "annotations", "labels", "priorityClassName"})
+
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+_NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def task_hash(task_id: str) -> str:
+    """A label-safe digest of a task id (ids may hold any character)."""
+    return hashlib.sha256(task_id.encode()).hexdigest()[:20]
+
+
+def job_name(task_id: str, attempt: int = 1) -> str:
+    """``kc-<slug>-<hash>-<attempt>``: a DNS-1123 label of at most 63 characters."""
+    slug = _NOT_DNS.sub("-", task_id.lower()).strip("-")[:30].strip("-") or "task"
+    return f"kc-{slug}-{task_hash(task_id)[:10]}-{attempt}"
+
+
+def label_value(value: str) -> str:
+    """A valid label value (63 characters, alphanumeric at both ends)."""
+    cleaned = _NOT_LABEL.sub("_", value)[:63]
+    return cleaned.strip("._-")
+
+
+def task_selector(task_id: str) -> str:
+    return f"{MANAGED_BY}={MANAGER},{LABEL_TASK_HASH}={task_hash(task_id)}"
+
+
+MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGER}"
+
+
+@dataclass
+class TaskSpec:
+    """What the pool knows about one task delivery."""
+
+    task_id: str
+    name: str
+    queue: str
+    request: dict
+    body: bytes
+    content_type: str | None
+    content_encoding: str | None
+    attempt: int = 1
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def job_name(self) -> str:
+        return job_name(self.task_id, self.attempt)
+
+
+def payload_bytes(spec: TaskSpec) -> bytes:
+    """The JSON document the pod's runner reads."""
+    body = spec.body if isinstance(spec.body, bytes) else bytes(spec.body)
+    # The pod decodes args and kwargs from the body, as a worker process does; the
+    # decoded copies in the request may not even be JSON (pickle serializer).
+    request = {k: v for k, v in spec.request.items() if k not in ("args", "kwargs")}
+    return json_dumps({
+        "version": 1, "task": spec.name, "id": spec.task_id, "queue": spec.queue,
+        "request": request, "body": base64.b64encode(body).decode(),
+        "content_type": spec.content_type, "content_encoding": spec.content_encoding,
+        "soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit,
+        "attempt": spec.attempt,
+    }).encode()
+
+
+def labels_for(spec: TaskSpec) -> dict[str, str]:
+    return {MANAGED_BY: MANAGER, LABEL_QUEUE: label_value(spec.queue),
+            LABEL_TASK_NAME: label_value(spec.name), LABEL_TASK_HASH: task_hash(spec.task_id),
+            LABEL_ATTEMPT: str(spec.attempt)}
+
+
+def annotations_for(spec: TaskSpec) -> dict[str, str]:
+    return {ANNOTATION_TASK_ID: spec.task_id, ANNOTATION_TASK_NAME: spec.name,
+            ANNOTATION_QUEUE: spec.queue}
+
+
+def build_secret(spec: TaskSpec, namespace: str, job_uid: str | None = None) -> dict:
+    """The payload Secret; owned by the Job (when its uid is known) so it is collected with it."""
+    payload = payload_bytes(spec)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(
+            f"task {spec.name}[{spec.task_id}] payload is {len(payload)} bytes; a Kubernetes "
+            f"Secret holds at most {MAX_PAYLOAD_BYTES} bytes. Pass large data by reference "
+            "(object storage, database) instead of in the task's arguments.")
+    metadata: dict[str, Any] = {"name": spec.job_name, "namespace": namespace,
+                                "labels": labels_for(spec), "annotations": annotations_for(spec)}
+    if job_uid:
+        metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": spec.job_name,
+                                        "uid": job_uid, "controller": True,
+                                        "blockOwnerDeletion": False}]
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": metadata,
+            "data": {PAYLOAD_KEY: base64.b64encode(payload).decode()}}
+
+
+def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None,
+              runner_command: list[str], ttl_seconds: float | None) -> dict:
+    """Render the queue's Job template for one task delivery."""
+    job = copy.deepcopy(template)
+    metadata = job.setdefault("metadata", {})
+    metadata.pop("generateName", None)
+    metadata.update(name=spec.job_name, namespace=namespace)
+    metadata["labels"] = {**(metadata.get("labels") or {}), **labels_for(spec)}
+    metadata["annotations"] = {**(metadata.get("annotations") or {}), **annotations_for(spec)}
+
+    job_spec = job.setdefault("spec", {})
+    job_spec.update(backoffLimit=0, completions=1, parallelism=1)
+    job_spec.pop("selector", None)
+    job_spec.pop("manualSelector", None)
+    if spec.time_limit:
+        job_spec["activeDeadlineSeconds"] = max(1, math.ceil(spec.time_limit))
+    if ttl_seconds is not None and "ttlSecondsAfterFinished" not in job_spec:
+        job_spec["ttlSecondsAfterFinished"] = int(ttl_seconds)
+
+    pod = job_spec.setdefault("template", {})
+    pod_meta = pod.setdefault("metadata", {})
+    pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **labels_for(spec)}
+    pod_meta["annotations"] = {**(pod_meta.get("annotations") or {}), **annotations_for(spec)}
+    pod_spec = pod.setdefault("spec", {})
+    pod_spec["restartPolicy"] = "Never"
+    container = pod_spec["containers"][0]
+    container["command"] = list(runner_command)
+    container.pop("args", None)
+    container["terminationMessagePolicy"] = "File"
+    env = [e for e in container.get("env") or [] if e.get("name") not in ("K8S_CELERY_APP", "K8S_CELERY_PAYLOAD")]
+    env.append({"name": "K8S_CELERY_PAYLOAD", "value": f"{PAYLOAD_DIR}/{PAYLOAD_KEY}"})
+    if app:
+        env.append({"name": "K8S_CELERY_APP", "value": app})
+    if container.get("terminationMessagePath"):
+        env.append({"name": "K8S_CELERY_TERMINATION_LOG", "value": container["terminationMessagePath"]})
+    container["env"] = env
+    mounts = [m for m in container.get("volumeMounts") or [] if m.get("name") != PAYLOAD_VOLUME]
+    container["volumeMounts"] = mounts + [{"name": PAYLOAD_VOLUME, "mountPath": PAYLOAD_DIR, "readOnly": True}]
+    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != PAYLOAD_VOLUME]
+    pod_spec["volumes"] = volumes + [{"name": PAYLOAD_VOLUME,
+                                      "secret": {"secretName": spec.job_name, "defaultMode": 0o440}}]
+    apply_task_overrides(pod, spec.overrides)
+    return job
+
+
+def apply_task_overrides(pod_template: dict, overrides: dict) -> None:
+    """Merge a task's declared pod overrides onto the rendered pod template.
+
+    ``resources`` and ``affinity`` replace, ``nodeSelector``/``labels``/``annotations``
+    merge, ``tolerations`` append, ``env`` entries replace same-named ones.
+    """
+    if not overrides:
+        return
+    unknown = set(overrides) - TASK_OVERRIDE_KEYS
+    if unknown:
+        raise TaskLaunchError(f"unknown pod override(s) {sorted(unknown)} on the task; "
+                              f"allowed: {sorted(TASK_OVERRIDE_KEYS)}")
+    pod_spec = pod_template["spec"]
+    container = pod_spec["containers"][0]
+    if "resources" in overrides:
+        container["resources"] = copy.deepcopy(overrides["resources"])
+    if "affinity" in overrides:
+        pod_spec["affinity"] = copy.deepcopy(overrides["affinity"])
+    if "priorityClassName" in overrides:
+        pod_spec["priorityClassName"] = overrides["priorityClassName"]
+    if "nodeSelector" in overrides:
+        pod_spec["nodeSelector"] = {**(pod_spec.get("nodeSelector") or {}), **overrides["nodeSelector"]}
+    if "tolerations" in overrides:
+        pod_spec["tolerations"] = (pod_spec.get("tolerations") or []) + copy.deepcopy(overrides["tolerations"])
+    if "env" in overrides:
+        names = {e["name"] for e in overrides["env"]}
+        container["env"] = [e for e in container.get("env") or [] if e["name"] not in names] \
+            + copy.deepcopy(overrides["env"])
+    meta = pod_template.setdefault("metadata", {})
+    for key in ("labels", "annotations"):
+        if key in overrides:
+            meta[key] = {**overrides[key], **(meta.get(key) or {})}  # ours win
+
+
+def task_overrides(task: Any) -> dict:
+    """The pod overrides a task declares in code (``kubernetes=`` task option)."""
+    overrides = getattr(task, "kubernetes", None) or {}
+    if not isinstance(overrides, dict):
+        raise TaskLaunchError(f"task {getattr(task, 'name', task)}: the kubernetes option must be a dict")
+    aliases = {"node_selector": "nodeSelector", "priority_class_name": "priorityClassName"}
+    return {aliases.get(key, key): value for key, value in overrides.items()}

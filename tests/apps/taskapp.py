@@ -1,0 +1,101 @@
+"""The Celery app the end-to-end tests run, in the shim and in the pods."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+
+BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+
+app = Celery("taskapp", broker=BROKER, backend=os.environ.get("CELERY_RESULT_BACKEND", BROKER))
+app.conf.update(
+    task_routes={"taskapp.local_*": {"queue": "default"}},
+    task_default_queue="kubernetes",
+    result_extended=True,
+    broker_connection_retry_on_startup=True,
+    task_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
+    result_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
+    accept_content=["json", "pickle"],
+    result_accept_content=["json", "pickle"],
+)
+
+
+def store() -> redis.Redis:
+    return redis.Redis.from_url(BROKER)
+
+
+@app.task(name="taskapp.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="taskapp.tsum")
+def tsum(numbers):
+    return sum(numbers)
+
+
+@app.task(name="taskapp.fail")
+def fail(message):
+    raise ValueError(message)
+
+
+@app.task(name="taskapp.count")
+def count(key, sleep=0.0):
+    """Increment a per-task counter (how often it ran), then sleep."""
+    runs = store().incr(f"runs:{key}")
+    time.sleep(sleep)
+    return runs
+
+
+@app.task(name="taskapp.retry_once", bind=True)
+def retry_once(self, key):
+    if store().incr(f"attempts:{key}") == 1:
+        raise self.retry(countdown=1)
+    return "retried"
+
+
+@app.task(name="taskapp.sleep")
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="taskapp.soft_limited", soft_time_limit=1)
+def soft_limited():
+    try:
+        time.sleep(30)
+    except SoftTimeLimitExceeded:
+        return "caught soft limit"
+    return "not interrupted"
+
+
+@app.task(name="taskapp.hard_limited", time_limit=2)
+def hard_limited():
+    time.sleep(60)
+
+
+@app.task(name="taskapp.reject")
+def reject():
+    raise Reject("no thanks", requeue=False)
+
+
+@app.task(name="taskapp.echo")
+def echo(value):
+    return value
+
+
+@app.task(name="taskapp.resources", kubernetes={
+    "resources": {"limits": {"memory": "64Mi", "cpu": "250m"}},
+    "nodeSelector": {"disktype": "ssd"},
+    "env": [{"name": "TASK_FLAVOUR", "value": "heavy"}]})
+def resources():
+    return os.environ.get("TASK_FLAVOUR")
+
+
+@app.task(name="taskapp.local_add")
+def local_add(x, y):
+    return x + y

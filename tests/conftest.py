@@ -1,0 +1,156 @@
+"""Shared fixtures: the real worker process (the shim) against Redis and the local cluster."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k8s_celery.testing import wait_until
+
+TESTS = Path(__file__).parent
+APPS = TESTS / "apps"
+IMAGE = "registry.local/taskapp:dev"
+
+
+@pytest.fixture(scope="session")
+def broker_url(redis_server):
+    url = f"{redis_server.url}/0"
+    os.environ["CELERY_BROKER_URL"] = url
+    os.environ["CELERY_RESULT_BACKEND"] = url
+    return url
+
+
+@pytest.fixture
+def taskapp(broker_url, redis_server):
+    """The test app, its broker flushed for this test."""
+    redis_server.client().flushall()
+    if str(APPS) not in sys.path:
+        sys.path.insert(0, str(APPS))
+    module = importlib.import_module("taskapp")
+    yield module
+    module.app.control.purge()
+
+
+def write_manifest(directory: Path, queue: str, broker_url: str, image: str = IMAGE,
+                   extra_env: list | None = None, **pod_spec) -> Path:
+    manifest = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"labels": {"app": "taskapp"}},
+        "spec": {"template": {"spec": {
+            "containers": [{
+                "name": "task", "image": image,
+                "env": [{"name": "CELERY_BROKER_URL", "value": broker_url},
+                        {"name": "CELERY_RESULT_BACKEND", "value": broker_url},
+                        {"name": "PYTHONPATH", "value": str(APPS)}] + (extra_env or []),
+            }], **pod_spec}}},
+    }
+    path = directory / queue / "manifest.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+class Shim:
+    """A `k8s-celery worker` process."""
+
+    def __init__(self, cluster, namespace: str, manifests: Path, log_dir: Path, broker_url: str,
+                 queues: str = "kubernetes", max_jobs: int = 5, env: dict | None = None,
+                 args: tuple = ()):
+        self.hostname = f"shim-{secrets.token_hex(3)}@local"
+        self.log_path = log_dir / f"{self.hostname}.log"
+        self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", "taskapp", "-Q", queues,
+                     "--manifests", str(manifests), "--namespace", namespace,
+                     "--kubeconfig", str(cluster.kubeconfig), "--max-jobs", str(max_jobs),
+                     "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip",
+                     *args]
+        self.env = dict(os.environ, PYTHONPATH=str(APPS), CELERY_BROKER_URL=broker_url,
+                        CELERY_RESULT_BACKEND=broker_url, K8S_CELERY_PENDING_TIMEOUT="20", C_FORCE_ROOT="1",
+                        **(env or {}))
+        self.process: subprocess.Popen | None = None
+
+    def start(self, app=None, wait: bool = True) -> "Shim":
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        if wait:
+            wait_until(lambda: self._ready(app), timeout=60, interval=0.3,
+                       message=f"worker {self.hostname} to answer ping")
+        return self
+
+    def _ready(self, app) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+        if app is None:
+            return "ready." in self.log()
+        return bool(app.control.ping(destination=[self.hostname], timeout=0.5))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process and self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def manifests(tmp_path, broker_url):
+    directory = tmp_path / "manifests"
+    write_manifest(directory, "kubernetes", broker_url)
+    return directory
+
+
+@pytest.fixture
+def start_shim(k8s_cluster, k8s_namespace, manifests, tmp_path, broker_url, taskapp, request):
+    """Start `k8s-celery worker` processes; all are stopped after the test."""
+    shims: list[Shim] = []
+
+    def start(wait: bool = True, **options) -> Shim:
+        options.setdefault("manifests", manifests)
+        shim = Shim(k8s_cluster, k8s_namespace, log_dir=tmp_path, broker_url=broker_url, **options)
+        shims.append(shim)
+        return shim.start(taskapp.app, wait=wait)
+
+    yield start
+    for shim in shims:
+        shim.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for shim in shims:
+            print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def jobs_in(cluster, namespace: str) -> list[dict]:
+    from k8s_celery.cluster import collection_path
+
+    jobs, _ = cluster.api.list(collection_path("jobs", namespace),
+                               label_selector="app.kubernetes.io/managed-by=k8s-celery")
+    return jobs
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)
