@@ -426,10 +426,15 @@ class KubernetesPool(BasePool):
         except ApiError as exc:
             log.warning("cannot delete Job %s: %s", name, exc)
 
-    def _cleanup_task(self, task_id: str) -> None:
+    def _cleanup_task(self, task_id: str, slot: bool = False) -> None:
         """Delete every Job (and so its pods and payload Secret) of a finished task."""
-        for job in self._existing_jobs(task_id):
-            self._delete_job(job["metadata"]["name"])
+        try:
+            for job in self._existing_jobs(task_id):
+                self._delete_job(job["metadata"]["name"])
+        except ApiError as exc:  # the TTL controller removes it later
+            log.warning("cannot clean up the Jobs of task %s: %s", task_id, exc)
+        finally:
+            self._release(slot)
 
     # -- watch events ------------------------------------------------------------------
 
@@ -517,17 +522,23 @@ class KubernetesPool(BasePool):
             result = outcomes.Outcome(TERMINATED)
         self._by_task.pop(entry.task_id, None)
         self._by_job.pop(entry.job_name, None)
-        if slot:
-            self._active -= 1
         for delivery in entry.deliveries:
             self._notify(self._deliver, entry, delivery, result, error)
         requeued = result.state == REQUEUE or (
             result.state == outcomes.LOST and not self._final_loss(entry, result))
-        if not requeued:
+        if requeued:
+            # Lost attempts stay until the task ends: they count the attempts.
+            self._release(slot)
+        else:
             # After the acks (same FIFO): a Job deleted before its message is acked
-            # could let a redelivery run the task again. Lost attempts stay until the
-            # task ends, since they count the attempts.
-            self._notify(self._submit, self._cleanup_task, entry.task_id)
+            # could let a redelivery run the task again. The slot frees once the Job
+            # is gone, so that at most `limit` Jobs ever exist.
+            self._notify(self._submit, self._cleanup_task, entry.task_id, slot)
+
+    def _release(self, slot: bool = True) -> None:
+        if slot:
+            with self._lock:
+                self._active -= 1
         self._start_waiting()
 
     def _final_loss(self, entry: InFlight, result: outcomes.Outcome) -> bool:

@@ -73,9 +73,9 @@ class Shim:
                      "--kubeconfig", str(cluster.kubeconfig), "--max-jobs", str(max_jobs),
                      "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip",
                      *args]
-        self.env = dict(os.environ, PYTHONPATH=str(APPS), CELERY_BROKER_URL=broker_url,
-                        CELERY_RESULT_BACKEND=broker_url, K8S_CELERY_PENDING_TIMEOUT="20", C_FORCE_ROOT="1",
-                        **(env or {}))
+        self.env = {**os.environ, "PYTHONPATH": str(APPS), "CELERY_BROKER_URL": broker_url,
+                    "CELERY_RESULT_BACKEND": broker_url, "K8S_CELERY_PENDING_TIMEOUT": "20",
+                    "C_FORCE_ROOT": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self, app=None, wait: bool = True) -> "Shim":

@@ -32,3 +32,143 @@ def test_result_arrives_and_job_carries_labels(start_shim, taskapp, k8s_cluster,
     assert result.get(timeout=60) == 2
     add = taskapp.add.delay(2, 3)
     assert add.get(timeout=60) == 5
+
+
+def running_pod_of(cluster, namespace: str, task_id: str) -> dict:
+    def find():
+        pods, _ = cluster.api.list(collection_path("pods", namespace),
+                                   label_selector=f"{LABEL_TASK_HASH}={task_hash(task_id)}")
+        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+    return wait_until(find, timeout=60, message=f"a running pod for {task_id}")
+
+
+def unacked(redis_server) -> int:
+    return redis_server.client().hlen("unacked")
+
+
+def test_failure_keeps_exception_type_and_traceback(start_shim, taskapp, redis_server):
+    start_shim()
+    result = taskapp.fail.delay("boom")
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=60)
+    assert result.state == "FAILURE"
+    assert "raise ValueError(message)" in result.traceback
+    wait_until(lambda: unacked(redis_server) == 0, message="the message to be acked")
+
+
+def test_retry_runs_a_second_job(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    start_shim()
+    result = taskapp.retry_once.delay("r1")
+    assert result.get(timeout=90) == "retried"
+    assert int(taskapp.store().get("attempts:r1")) == 2
+
+
+def test_evicted_pod_is_requeued_and_runs_again(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    shim = start_shim()
+    result = taskapp.count.delay("evicted", 3)
+    pod = running_pod_of(k8s_cluster, k8s_namespace, result.id)
+    wait_until(lambda: taskapp.store().get("runs:evicted"), message="the task to start")
+    k8s_cluster.kubelet.evict(k8s_namespace, pod["metadata"]["name"])
+    assert result.get(timeout=90) == 2  # the second run's count
+    assert int(taskapp.store().get("runs:evicted")) == 2
+    assert "lost (pod Evicted" in shim.log()
+
+
+def test_oom_on_every_attempt_fails_after_the_limit(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    shim = start_shim(env={"K8S_CELERY_MAX_LOST_ATTEMPTS": "2"})
+    result = taskapp.sleep.delay(30)
+    for attempt in range(2):
+        pod = running_pod_of(k8s_cluster, k8s_namespace, result.id)
+        k8s_cluster.kubelet.oom_kill(k8s_namespace, pod["metadata"]["name"])
+        wait_until(lambda: pod["metadata"]["name"] not in str(
+            [p["metadata"]["name"] for p in k8s_cluster.api.list(
+                collection_path("pods", k8s_namespace),
+                label_selector=f"{LABEL_TASK_HASH}={task_hash(result.id)}")[0]
+             if p["status"].get("phase") == "Running"]), message="the OOM to be seen")
+    with pytest.raises(Exception) as raised:
+        result.get(timeout=60)
+    assert type(raised.value).__name__ == "TaskLostError"
+    assert "OOMKilled" in str(raised.value)
+    assert taskapp.add.delay(1, 1).get(timeout=60) == 2, "the worker must go on"
+    assert "giving up" in shim.log()
+
+
+def test_unpullable_image_fails_after_pending_timeout(start_shim, taskapp, tmp_path, broker_url):
+    from conftest import write_manifest
+
+    directory = tmp_path / "bad-manifests"
+    write_manifest(directory, "kubernetes", broker_url, image="registry.local/unpullable:latest")
+    start_shim(manifests=directory, env={"K8S_CELERY_PENDING_TIMEOUT": "4"})
+    result = taskapp.add.delay(1, 2)
+    with pytest.raises(Exception) as raised:
+        result.get(timeout=60)
+    assert type(raised.value).__name__ == "PodPendingTimeout"
+    assert "ErrImagePull" in str(raised.value) or "ImagePullBackOff" in str(raised.value)
+
+
+def test_revoke_terminate_deletes_the_job(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    start_shim()
+    result = taskapp.sleep.delay(60)
+    running_pod_of(k8s_cluster, k8s_namespace, result.id)
+    result.revoke(terminate=True)
+    wait_until(lambda: not jobs_in(k8s_cluster, k8s_namespace), timeout=30, message="Job deletion")
+    wait_until(lambda: result.state == "REVOKED", timeout=30, message="REVOKED state")
+
+
+def test_time_limits(start_shim, taskapp):
+    start_shim()
+    soft = taskapp.soft_limited.delay()
+    hard = taskapp.hard_limited.delay()
+    assert soft.get(timeout=60) == "caught soft limit"
+    with pytest.raises(Exception) as raised:
+        hard.get(timeout=60)
+    assert type(raised.value).__name__ == "TimeLimitExceeded"
+
+
+def test_chain_and_chord(start_shim, taskapp):
+    from celery import chain, chord
+
+    start_shim(max_jobs=6)
+    assert chain(taskapp.add.s(1, 2), taskapp.add.s(3), taskapp.add.s(4)).delay().get(timeout=120) == 10
+    assert chord([taskapp.add.s(i, i) for i in range(4)])(taskapp.tsum.s()).get(timeout=120) == 12
+
+
+def test_max_jobs_bounds_jobs_in_flight(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    import threading
+
+    start_shim(max_jobs=5)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, len(jobs_in(k8s_cluster, k8s_namespace)))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        results = [taskapp.add.delay(i, i) for i in range(50)]
+        assert [r.get(timeout=300) for r in results] == [2 * i for i in range(50)]
+    finally:
+        done.set()
+        sampler.join()
+    assert 1 <= peak <= 5
+
+
+def test_bad_messages_do_not_stop_the_worker(start_shim, taskapp, redis_server):
+    shim = start_shim()
+    with taskapp.app.producer_or_acquire() as producer:
+        producer.publish(b"\x00not json", routing_key="kubernetes", exchange="kubernetes",
+                         content_type="application/json", content_encoding="utf-8",
+                         headers={"task": "taskapp.add", "id": "malformed-1"})
+    taskapp.app.send_task("taskapp.does_not_exist", args=(1,))
+    big = taskapp.echo.delay("x" * (2 * 1024 * 1024))
+    with pytest.raises(Exception) as raised:
+        big.get(timeout=60)
+    assert type(raised.value).__name__ == "PayloadTooLarge"
+    assert taskapp.add.delay(20, 22).get(timeout=60) == 42
+    log = shim.log()
+    assert "Received unregistered task of type 'taskapp.does_not_exist'" in log
+    assert "malformed-1" in log or "invalid" in log.lower() or "Can't decode message body" in log
+    assert "PayloadTooLarge" in log or "cannot run as a Job" in log
+    wait_until(lambda: unacked(redis_server) == 0, message="every message settled")
