@@ -51,36 +51,54 @@ class Outcome:
 def encode(outcome: Outcome, limit: int = MESSAGE_LIMIT) -> str:
     """Compact JSON for the termination message, cut to fit ``limit`` bytes.
 
-    The traceback is cut from the top (its last lines say the most), then the
-    result and exception text.
+    The result and exception text get at most a quarter of the room each; the
+    traceback gets the rest, cut from the top (its last lines say the most).
     """
-    doc: dict[str, Any] = {"v": 1, "s": outcome.state, "rt": round(outcome.runtime, 6)}
+    doc: dict[str, Any] = {"v": 1, "s": outcome.state, "rt": round(outcome.runtime or 0.0, 6)}
     if outcome.result:
-        doc["r"] = outcome.result
+        doc["r"] = _clip(outcome.result, limit // 4)
     if outcome.exc_type:
-        doc["e"] = {"t": outcome.exc_type, "m": outcome.exc_module, "a": outcome.exc_args or []}
-    if outcome.traceback:
-        doc["tb"] = outcome.traceback
+        args = outcome.exc_args or []
+        if len(_dumps(args).encode()) > limit // 4:
+            args = [_clip(" ".join(map(str, args)), limit // 4)]
+        doc["e"] = {"t": outcome.exc_type, "m": outcome.exc_module, "a": args}
     if outcome.requeue:
         doc["rq"] = True
     if outcome.when:
         doc["w"] = outcome.when
+    if outcome.traceback:
+        room = limit - len(_dumps({**doc, "tb": ""}).encode())
+        doc["tb"] = _clip_head(outcome.traceback, room)
     text = _dumps(doc)
-    if len(text.encode()) > limit and "tb" in doc:
-        excess = len(text.encode()) - limit
-        doc["tb"] = "…" + doc["tb"][excess + 16:] if excess + 16 < len(doc["tb"]) else ""
-        text = _dumps(doc)
-    for key in ("r", "e"):
-        if len(text.encode()) <= limit:
-            break
-        if key == "r":
-            doc["r"] = doc["r"][: max(0, len(doc["r"]) - (len(text.encode()) - limit) - 16)] + "…"
-        else:
-            doc["e"]["a"] = [str(doc["e"]["a"])[:200] + "…"]
-        text = _dumps(doc)
     if len(text.encode()) > limit:  # pathological: keep only the state
         text = _dumps({"v": 1, "s": outcome.state, "rt": doc["rt"]})
     return text
+
+
+def _fits(text: str, size: int) -> bool:
+    return len(_dumps(text).encode()) <= size
+
+
+def _clip(text: str, size: int) -> str:
+    """At most ``size`` bytes of JSON-escaped text, keeping the start."""
+    if _fits(text, size):
+        return text
+    low, high = 0, len(text)  # the longest prefix that fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if _fits(text[:middle] + "…", size) else (low, middle - 1)
+    return text[:low] + "…"
+
+
+def _clip_head(text: str, size: int) -> str:
+    """At most ``size`` bytes of JSON-escaped text, keeping the end."""
+    if _fits(text, size):
+        return text
+    low, high = 0, len(text)  # the earliest start whose suffix fits
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _fits("…" + text[middle:], size) else (middle + 1, high)
+    return "…" + text[low:] if _fits("…" + text[low:], size) else ""
 
 
 def _dumps(doc: dict) -> str:

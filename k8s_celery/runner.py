@@ -155,7 +155,7 @@ def run(payload_path: str | None = None, app_name: str | None = None,
             payload["content_type"], payload["content_encoding"], app=app)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    result = describe(failed, retval, runtime)
+    result = describe(failed, retval, runtime or (time.monotonic() - started))
     write_outcome(result, termination_log)
     log.info("%s[%s] %s in %.3fs", payload["task"], payload["id"], result.state, runtime)
     return 1 if result.state in (outcomes.FAILURE, outcomes.REJECTED) else 0

@@ -1,0 +1,74 @@
+"""Termination-message outcomes and the classification of Job/pod states."""
+
+from __future__ import annotations
+
+import json
+
+from k8s_celery import outcome as o
+
+
+def pod(phase: str, message: str | None = None, reason: str | None = None, **status) -> dict:
+    terminated = {"exitCode": 0 if phase == "Succeeded" else 1}
+    if message is not None:
+        terminated["message"] = message
+    if reason:
+        terminated["reason"] = reason
+    return {"metadata": {"name": "p"}, "status": {"phase": phase, **status,
+                                                  "containerStatuses": [{"state": {"terminated": terminated}}]}}
+
+
+def test_round_trip():
+    original = o.Outcome(o.FAILURE, runtime=1.5, exc_type="ValueError", exc_module="builtins",
+                         exc_args=["boom"], traceback="Traceback...\nValueError: boom")
+    decoded = o.decode(o.encode(original))
+    assert decoded == original
+    assert decoded.exception == {"exc_type": "ValueError", "exc_module": "builtins", "exc_message": ["boom"]}
+
+
+def test_encoding_fits_the_kubelet_limit_and_keeps_the_traceback_tail():
+    tb = "".join(f"  line {i}\n" for i in range(2000)) + "ValueError: the end"
+    text = o.encode(o.Outcome(o.FAILURE, exc_type="ValueError", exc_args=["x" * 10000], traceback=tb,
+                              result="r" * 10000))
+    assert len(text.encode()) <= o.MESSAGE_LIMIT
+    decoded = o.decode(text)
+    assert decoded.state == o.FAILURE and decoded.traceback.endswith("ValueError: the end")
+
+
+def test_foreign_messages_are_not_outcomes():
+    assert o.decode(None) is None and o.decode("done") is None
+    assert o.decode(json.dumps({"v": 2, "s": "SUCCESS"})) is None
+
+
+def test_pod_outcome_wins():
+    message = o.encode(o.Outcome(o.SUCCESS, result="3"))
+    assert o.classify({}, pod("Succeeded", message)).result == "3"
+
+
+def test_deadline_is_a_time_limit():
+    job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                                      "message": "Job was active longer than specified deadline"}]}}
+    assert o.classify(job, pod("Failed", reason="Error")).state == o.TIME_LIMIT
+
+
+def test_lost_pods():
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    evicted = pod("Failed", reason="Error", reason_unused=None)
+    evicted["status"].update(reason="Evicted", message="The node was low on resource: memory.")
+    lost = o.classify(failed, evicted)
+    assert lost.state == o.LOST and "Evicted" in lost.reason
+    assert "OOMKilled" in o.classify(failed, pod("Failed", reason="OOMKilled")).reason
+    assert o.classify(None, None, job_deleted=True).reason == "the Job was deleted"
+
+
+def test_running_is_not_over():
+    assert o.classify({"status": {}}, {"status": {"phase": "Running"}}) is None
+
+
+def test_pending_reasons():
+    waiting = {"status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]}}
+    assert o.pending_reason(waiting) == "ErrImagePull: not found"
+    unschedulable = {"status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]}}
+    assert o.pending_reason(unschedulable) == "Unschedulable: 0/1 nodes"
+    assert o.pending_reason(None) == "no pod was created for the Job"
