@@ -65,7 +65,7 @@ class Shim:
 
     def __init__(self, cluster, namespace: str, manifests: Path, log_dir: Path, broker_url: str,
                  queues: str = "kubernetes", max_jobs: int = 5, env: dict | None = None,
-                 args: tuple = ()):
+                 args: tuple = (), plain_celery: bool = False):
         self.hostname = f"shim-{secrets.token_hex(3)}@local"
         self.log_path = log_dir / f"{self.hostname}.log"
         self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", "taskapp", "-Q", queues,
@@ -73,6 +73,13 @@ class Shim:
                      "--kubeconfig", str(cluster.kubeconfig), "--max-jobs", str(max_jobs),
                      "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip",
                      *args]
+        if plain_celery:  # the stock `celery worker` with the pool selected by -P custom
+            self.argv = [sys.executable, "-m", "celery", "-A", "taskapp", "worker", "-P", "custom",
+                         "-Q", queues, "-c", str(max_jobs), "--prefetch-multiplier", "1", "-E",
+                         "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip", *args]
+            env = {"CELERY_CUSTOM_WORKER_POOL": "k8s_celery.pool:KubernetesPool",
+                   "K8S_CELERY_MANIFESTS_DIR": str(manifests), "K8S_CELERY_NAMESPACE": namespace,
+                   "KUBECONFIG": str(cluster.kubeconfig), **(env or {})}
         self.env = {**os.environ, "PYTHONPATH": str(APPS), "CELERY_BROKER_URL": broker_url,
                     "CELERY_RESULT_BACKEND": broker_url, "K8S_CELERY_PENDING_TIMEOUT": "20",
                     "C_FORCE_ROOT": "1", **(env or {})}

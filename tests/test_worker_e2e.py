@@ -172,3 +172,25 @@ def test_bad_messages_do_not_stop_the_worker(start_shim, taskapp, redis_server):
     assert "malformed-1" in log or "invalid" in log.lower() or "Can't decode message body" in log
     assert "PayloadTooLarge" in log or "cannot run as a Job" in log
     wait_until(lambda: unacked(redis_server) == 0, message="every message settled")
+
+
+def test_stock_celery_worker_with_custom_pool(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    shim = start_shim(plain_celery=True)
+    assert taskapp.add.delay(5, 6).get(timeout=60) == 11
+    assert "k8s-celery pool: namespace" in shim.log()
+    stats = taskapp.app.control.inspect(destination=[shim.hostname], timeout=5).stats()
+    pool = stats[shim.hostname]["pool"]
+    assert pool["implementation"] == "k8s_celery.pool:KubernetesPool"
+    assert pool["max-concurrency"] == 5
+
+
+def test_inspect_active_shows_the_pod(start_shim, taskapp, k8s_cluster, k8s_namespace):
+    shim = start_shim()
+    result = taskapp.sleep.delay(5)
+    pod = running_pod_of(k8s_cluster, k8s_namespace, result.id)
+    inspect = taskapp.app.control.inspect(destination=[shim.hostname], timeout=5)
+    active = wait_until(lambda: (inspect.active() or {}).get(shim.hostname), message="an active task")
+    assert active[0]["id"] == result.id and active[0]["worker_pid"] == pod["metadata"]["name"]
+    pool = inspect.stats()[shim.hostname]["pool"]
+    assert pool["in-flight"] == 1 and pool["processes"] == [pod["metadata"]["name"]]
+    assert result.get(timeout=60) == 5

@@ -1,7 +1,7 @@
 """Start one container process of the process kubelet in its own mount namespace.
 
-``python -m k8s_celery.testing.container SPEC.json`` unshares the mount namespace,
-bind-mounts each volume at its ``mountPath`` (and the termination-message file at
+``python -m k8s_celery.testing.container SPEC.json`` unshares the mount and UTS namespaces,
+sets the pod's hostname, bind-mounts each volume at its ``mountPath`` (and the termination-message file at
 ``terminationMessagePath``) so that only this process sees them, then execs the
 container's command. The mounts vanish with the process.
 """
@@ -15,6 +15,7 @@ import os
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
@@ -45,7 +46,10 @@ def _ensure_target(source: str, target: str) -> None:
 
 def enter(spec: dict) -> None:
     """Set up the namespace and mounts described by ``spec``; does not exec."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unshare(CLONE_NEWNS|CLONE_NEWUTS)")
+    if spec.get("hostname"):  # like a pod: its own hostname
+        name = spec["hostname"].encode()
+        _check(_libc.sethostname(name, len(name)), "sethostname")
     _mount(None, "/", MS_REC | MS_PRIVATE)  # keep our mounts out of the host's view
     for mount in spec.get("mounts", []):
         _ensure_target(mount["source"], mount["target"])

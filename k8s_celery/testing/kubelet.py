@@ -360,6 +360,7 @@ class PodRuntime:
             "command": command or ["/bin/true"],
             "env": env,
             "workingDir": container.get("workingDir") or str(cdir),
+            "hostname": self.pod["spec"].get("hostname") or self.name,
             "mounts": [{"source": str(mounts[m["name"]] / m["subPath"]) if m.get("subPath")
                         else str(mounts[m["name"]]),
                         "target": m["mountPath"], "readOnly": bool(m.get("readOnly"))}
@@ -466,7 +467,7 @@ class PodRuntime:
             condition.setdefault("lastTransitionTime", now())
         status = {"phase": self.phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
                   "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": self.start_time,
-                  "qosClass": "BestEffort", "conditions": conditions, **statuses}
+                  "conditions": conditions, **statuses}
         if self.fault and self.fault.kind in ("evict", "deadline") and self.phase == "Failed":
             status["reason"], status["message"] = self.fault.reason, self.fault.message
         try:

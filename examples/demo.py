@@ -1,0 +1,89 @@
+"""Run k8s-celery end to end on this machine.
+
+Starts Redis and the local Kubernetes control plane (with the process kubelet),
+starts `k8s-celery worker` on the `kubernetes` queue, publishes tasks with
+apply_async from this process, and prints what came back and what ran where.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "app"))
+
+
+def main() -> int:
+    from k8s_celery.cluster import collection_path
+    from k8s_celery.testing import LocalCluster, RedisServer, wait_until
+
+    work = Path(tempfile.mkdtemp(prefix="k8s-celery-demo-"))
+    with RedisServer() as redis_server, LocalCluster() as cluster:
+        broker = f"{redis_server.url}/0"
+        os.environ.update(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=broker)
+        print(f"redis at {broker}; Kubernetes API at {cluster.server}")
+        print(f"  (kubectl --kubeconfig {cluster.kubeconfig} get jobs,pods -w  to watch)")
+
+        manifest = yaml.safe_load((HERE / "manifests" / "kubernetes" / "manifest.yaml").read_text())
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        container["env"] = [{"name": "CELERY_BROKER_URL", "value": broker},
+                            {"name": "CELERY_RESULT_BACKEND", "value": broker},
+                            {"name": "PYTHONPATH", "value": str(HERE / "app")}]
+        (work / "manifests" / "kubernetes").mkdir(parents=True)
+        (work / "manifests" / "kubernetes" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+
+        log_path = work / "worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "k8s_celery", "worker", "-A", "demo_app", "-Q", "kubernetes",
+             "--manifests", str(work / "manifests"), "--namespace", "default",
+             "--kubeconfig", str(cluster.kubeconfig), "--max-jobs", "4", "-l", "INFO",
+             "-n", "demo-shim@local"],
+            env={**os.environ, "PYTHONPATH": str(HERE / "app"), "C_FORCE_ROOT": "1"},
+            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            from demo_app import app, crunch, report
+
+            wait_until(lambda: app.control.ping(destination=["demo-shim@local"], timeout=0.5),
+                       timeout=60, message="the worker")
+            print("worker up; publishing tasks with apply_async")
+            started = time.monotonic()
+            calls = {
+                "crunch(200000)": crunch.apply_async((200000,)),
+                "crunch(10)": crunch.apply_async((10,), countdown=1),
+                "report('weekly')": report.apply_async(("weekly",)),
+                "report('flaky')": report.apply_async(("flaky",)),
+                "report('broken')": report.apply_async(("broken",)),
+            }
+            for call, result in calls.items():
+                try:
+                    value = result.get(timeout=120)
+                    print(f"  {call:20} -> {result.state}: {value}")
+                except Exception as exc:
+                    print(f"  {call:20} -> {result.state}: {type(exc).__name__}: {exc}")
+            print(f"all results in {time.monotonic() - started:.1f}s")
+            calls.clear()  # let the result consumers go before Redis stops
+
+            def jobs_left() -> int:
+                return len(cluster.api.list(collection_path("jobs", "default"))[0])
+            try:
+                wait_until(lambda: jobs_left() == 0, timeout=10)
+            except TimeoutError:
+                pass
+            print(f"Jobs left in the namespace: {jobs_left()} (each Job is deleted once its message is acked)")
+            return 0
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+            print(f"worker log: {log_path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
