@@ -69,6 +69,8 @@ class Settings:
     runner_command: list[str] = field(default_factory=lambda: ["k8s-celery", "run-task"])
     kubernetes_version: str = DEFAULT_KUBERNETES_VERSION
     watch_resync: float = 300.0
+    sweep_interval: float = 60.0
+    sweep_grace: float = 7200.0
     launch_threads: int = 4
 
     @classmethod
@@ -78,7 +80,8 @@ class Settings:
             "kubeconfig": _optional_str, "kube_context": _optional_str, "app": _optional_str,
             "pending_timeout": _seconds, "max_lost_attempts": _count, "job_ttl": _seconds,
             "drain_timeout": _seconds, "runner_command": _command, "kubernetes_version": str,
-            "watch_resync": _seconds, "launch_threads": _count,
+            "watch_resync": _seconds, "launch_threads": _count, "sweep_interval": _seconds,
+            "sweep_grace": _seconds,
         }
 
     @classmethod

@@ -169,7 +169,12 @@ class KubernetesPool(BasePool):
                  self.namespace, ", ".join(queues), self.limit)
 
     def on_stop(self) -> None:
-        """Stop watching; running Jobs are left alone (their messages stay unacked)."""
+        """Wait up to the drain time for running Jobs, then stop watching.
+
+        Jobs still running are left alone and their messages unacknowledged: Celery
+        returns them to the queue and the next worker adopts the Jobs.
+        """
+        self._drain(self.settings.drain_timeout)
         self._stopping.set()
         for watcher in self._watchers:
             watcher.stop(timeout=1.0)
@@ -181,7 +186,21 @@ class KubernetesPool(BasePool):
             log.warning("k8s-celery pool stopping with %d task(s) in flight; their Jobs keep "
                         "running and the next worker adopts them", left)
 
-    on_terminate = on_stop
+    def on_terminate(self) -> None:
+        self.settings.drain_timeout = 0
+        self.on_stop()
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._waiting.clear()  # not launched: Celery gives their messages back
+        while time.monotonic() < deadline:
+            self._drain_ready()
+            with self._lock:
+                if not self._by_job:
+                    break
+            time.sleep(0.05)
+        self._drain_ready()
 
     def register_with_event_loop(self, loop) -> None:
         self._hub = loop
@@ -356,12 +375,36 @@ class KubernetesPool(BasePool):
                 self._evaluate(entry)
                 return True
             lost.append(result.reason if result else "unknown")
+        if not jobs and self._already_succeeded(entry):
+            return True
         entry.lost_before = len(lost)
         spec.attempt = (_attempt_of(jobs[-1]) + 1) if jobs else 1
         if entry.lost_before >= self.settings.max_lost_attempts:
             self._finish_locked(entry, outcomes.Outcome(outcomes.LOST, reason=lost[-1]))
             return True
         return False
+
+    def _already_succeeded(self, entry: InFlight) -> bool:
+        """A redelivered message of a task whose Job already succeeded and was removed.
+
+        That happens when the broker redelivers a message whose ack it never got
+        (visibility timeout, connection loss) after the Job was cleaned up; like
+        Celery's ``worker_deduplicate_successful_tasks``, trust the result backend.
+        """
+        spec = entry.spec
+        if not (spec.request.get("delivery_info") or {}).get("redelivered"):
+            return False
+        backend = self.app.backend
+        if not getattr(backend, "persistent", False):
+            return False
+        meta = backend.get_task_meta(spec.task_id)
+        if meta.get("status") != "SUCCESS":
+            return False
+        from celery.utils.saferepr import saferepr
+
+        log.info("%s[%s] redelivered after it succeeded; not running it again", spec.name, spec.task_id)
+        self._finish_locked(entry, outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result"))))
+        return True
 
     def _create(self, entry: InFlight, template: dict) -> None:
         spec = entry.spec
@@ -492,20 +535,77 @@ class KubernetesPool(BasePool):
             self._notify(self._accept_delivery, entry, delivery)
 
     def _maintain(self) -> None:
-        """Time out Jobs whose pod never starts."""
+        """Time out Jobs whose pod never starts; keep reservations fresh; sweep leftovers."""
+        next_refresh = next_sweep = time.monotonic()
         while not self._stopping.wait(1.0):
             now = time.monotonic()
-            with self._lock:
-                stuck = [e for e in self._by_job.values()
-                         if not e.accepted and not e.finished and e.job_created_at is not None
-                         and now - e.job_created_at > self.settings.pending_timeout]
-                for entry in stuck:
-                    reason = outcomes.pending_reason(entry.pod)
-                    log.error("task %s[%s]: pod not running after %.0fs (%s); deleting Job %s",
-                              entry.spec.name, entry.task_id, self.settings.pending_timeout,
-                              reason, entry.job_name)
-                    self._finish(entry, outcomes.Outcome(PENDING_TIMEOUT, reason=reason))
-                    self._submit(self._delete_job, entry.job_name)
+            if now >= next_refresh:
+                next_refresh = now + self._refresh_reservations()
+            if now >= next_sweep:
+                next_sweep = now + self.settings.sweep_interval
+                self._submit(self._sweep)
+            self._time_out_pending(now)
+
+    def _time_out_pending(self, now: float) -> None:
+        with self._lock:
+            stuck = [e for e in self._by_job.values()
+                     if not e.accepted and not e.finished and e.job_created_at is not None
+                     and now - e.job_created_at > self.settings.pending_timeout]
+            for entry in stuck:
+                reason = outcomes.pending_reason(entry.pod)
+                log.error("task %s[%s]: pod not running after %.0fs (%s); deleting Job %s",
+                          entry.spec.name, entry.task_id, self.settings.pending_timeout,
+                          reason, entry.job_name)
+                self._finish(entry, outcomes.Outcome(PENDING_TIMEOUT, reason=reason))
+
+    def _refresh_reservations(self) -> float:
+        """Touch the broker's reservation of every message in flight here.
+
+        Redis (kombu) redelivers an unacknowledged message once it is older than the
+        visibility timeout, whether or not its consumer lives; refreshing the score
+        in ``unacked_index`` keeps long Jobs from being delivered again while this
+        worker lives, so a short visibility timeout still recovers fast after a
+        crash. Returns how long to wait before the next refresh.
+        """
+        with self._lock:
+            deliveries = [d for entry in self._by_task.values() for d in entry.deliveries]
+        channels: dict[int, tuple[Any, list]] = {}
+        for delivery in deliveries:
+            message = getattr(getattr(delivery.success, "__self__", None), "message", None)
+            channel = getattr(message, "channel", None)
+            if channel is None or not hasattr(channel, "unacked_index_key"):
+                continue
+            channels.setdefault(id(channel), (channel, []))[1].append(message.delivery_tag)
+        interval = 30.0
+        for channel, tags in channels.values():
+            interval = min(interval, max(1.0, channel.visibility_timeout / 4))
+            try:
+                with channel.conn_or_acquire() as client:
+                    client.zadd(channel.unacked_index_key, {tag: time.time() for tag in tags}, xx=True)
+            except Exception as exc:  # the broker is away: Celery reconnects, we try again
+                log.warning("cannot refresh %d message reservation(s): %s", len(tags), exc)
+                interval = 1.0
+        return interval
+
+    def _sweep(self) -> None:
+        """Delete finished Jobs of this namespace that no task here owns, after a grace period.
+
+        The grace period must outlast the broker's redelivery of a message whose worker
+        died after the pod ended (the visibility timeout), so that the redelivery still
+        finds the outcome instead of running the task again.
+        """
+        jobs, _ = self.api.list(collection_path("jobs", self.namespace), label_selector=MANAGED_SELECTOR)
+        cutoff = time.time() - self.settings.sweep_grace
+        with self._lock:
+            owned = set(self._by_job)
+        for job in jobs:
+            name = job["metadata"]["name"]
+            condition = outcomes.job_condition(job)
+            if name in owned or condition is None:
+                continue
+            if _timestamp(condition.get("lastTransitionTime")) < cutoff:
+                log.info("sweeping finished Job %s left by an earlier worker", name)
+                self._delete_job(name)
 
     # -- finishing ---------------------------------------------------------------------
 
@@ -666,6 +766,14 @@ def exception_info(exc: BaseException, traceback_text: str | None = None) -> Exc
     if traceback_text:
         einfo.traceback = traceback_text
     return einfo
+
+
+def _timestamp(value: str | None) -> float:
+    from datetime import datetime
+
+    if not value:
+        return time.time()
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def _attempt_of(job: dict) -> int:

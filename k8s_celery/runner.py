@@ -50,6 +50,9 @@ def load_app(name: str):
     app = find_app(name)
     app.set_current()
     app.set_default()
+    # A redelivered message of a task that already succeeded is not run again.
+    app.conf.worker_deduplicate_successful_tasks = True
+    app.conf.task_acks_late = True
     app.loader.import_default_modules()
     app.finalize(auto=True)
     # Per-process set-up hooks (database connections, ...) expect this signal.

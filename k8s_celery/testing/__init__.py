@@ -15,15 +15,19 @@ T = TypeVar("T")
 
 
 def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.1,
-               message: str = "condition") -> T:
-    """Poll ``condition`` until it returns something truthy; return that value."""
+               message: str | Callable[[], str] = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; return that value.
+
+    ``message`` (or what it returns, when callable) describes what was awaited.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+            what = message() if callable(message) else message
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 

@@ -174,14 +174,20 @@ class PodRuntime:
         if self.kubelet.simulate:
             self._simulate()
             return
-        if not self._wait_for_references():
-            return
         bad_image = next((c["image"] for c in self._all_containers()
                           if self.kubelet.is_unpullable(c.get("image", ""))), None)
         if bad_image:
             self._image_pull_failure(bad_image)
             return
-        mounts = self._prepare_volumes()
+        while True:
+            if not self._wait_for_references():
+                return
+            try:
+                mounts = self._prepare_volumes()
+                break
+            except ApiError as exc:  # deleted between the check and the read: wait again
+                if not exc.not_found:
+                    raise
         for container in spec.get("initContainers") or []:
             if not self._run_init_container(container, mounts):
                 return

@@ -21,6 +21,9 @@ app.conf.update(
     result_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
     accept_content=["json", "pickle"],
     result_accept_content=["json", "pickle"],
+    broker_transport_options={"visibility_timeout": float(os.environ.get("TASKAPP_VISIBILITY_TIMEOUT", 3600)),
+                              # sweep for abandoned messages every second (default: ~100 s)
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
 )
 
 
@@ -45,10 +48,9 @@ def fail(message):
 
 @app.task(name="taskapp.count")
 def count(key, sleep=0.0):
-    """Increment a per-task counter (how often it ran), then sleep."""
-    runs = store().incr(f"runs:{key}")
+    """Sleep, then count a completed run of this key (how often the task ran to its end)."""
     time.sleep(sleep)
-    return runs
+    return store().incr(f"runs:{key}")
 
 
 @app.task(name="taskapp.retry_once", bind=True)

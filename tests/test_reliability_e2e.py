@@ -1,0 +1,136 @@
+"""No task lost, none run twice: worker crashes, restarts, long tasks, replicas, API faults."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import jobs_in
+from k8s_celery.manifest import ANNOTATION_TASK_ID
+from k8s_celery.testing import wait_until
+
+pytestmark = pytest.mark.cluster
+
+SHORT_VISIBILITY = {"TASKAPP_VISIBILITY_TIMEOUT": "8",
+                    # finished Jobs left by a killed worker are swept once redelivery is over
+                    "K8S_CELERY_SWEEP_GRACE": "20", "K8S_CELERY_SWEEP_INTERVAL": "5"}
+
+
+class JobRecorder:
+    """Samples the namespace's Jobs in the background: which Job names each task had."""
+
+    def __init__(self, cluster, namespace):
+        self.cluster, self.namespace = cluster, namespace
+        self.jobs: dict[str, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                for job in jobs_in(self.cluster, self.namespace):
+                    task_id = job["metadata"]["annotations"][ANNOTATION_TASK_ID]
+                    self.jobs.setdefault(task_id, set()).add(job["metadata"]["name"])
+            except Exception:
+                pass  # the API server may be restarting
+            time.sleep(0.1)
+
+
+def settled(redis_server, cluster, namespace) -> bool:
+    """Every message acked, the queue empty and every Job cleaned up."""
+    client = redis_server.client()
+    state = {"unacked": client.hlen("unacked"), "queued": client.llen("kubernetes"),
+             "jobs": [j["metadata"]["name"] for j in jobs_in(cluster, namespace)]}
+    settled.last = state
+    return not any(state.values())
+
+
+def runs(taskapp, key: str) -> int:
+    return int(taskapp.store().get(f"runs:{key}") or 0)
+
+
+def test_sigkilled_worker_tasks_are_adopted_by_the_next(start_shim, taskapp, k8s_cluster, k8s_namespace,
+                                                        redis_server):
+    first = start_shim(max_jobs=20, env=SHORT_VISIBILITY)
+    with JobRecorder(k8s_cluster, k8s_namespace) as recorder:
+        results = [taskapp.count.delay(f"k{i}", 6) for i in range(20)]
+        wait_until(lambda: len(jobs_in(k8s_cluster, k8s_namespace)) == 20, timeout=60, message="20 Jobs")
+        first.kill(signal.SIGKILL)
+        second = start_shim(max_jobs=20, env=SHORT_VISIBILITY)
+        assert [r.get(timeout=120) for r in results] == [1] * 20
+        # The pods stored the results; the redelivered messages must be acked by the new worker.
+        wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=90,
+                   message="the redelivered messages to be acked")
+    assert [runs(taskapp, f"k{i}") for i in range(20)] == [1] * 20
+    assert all(len(names) == 1 for names in recorder.jobs.values()), recorder.jobs
+    assert "adopting running Job" in second.log() or "already ran in Job" in second.log()
+
+
+def test_sigterm_leaves_pods_running_for_the_next_worker(start_shim, taskapp, k8s_cluster, k8s_namespace,
+                                                         redis_server):
+    first = start_shim(env={"K8S_CELERY_DRAIN_TIMEOUT": "1"})
+    results = [taskapp.count.delay(f"t{i}", 5) for i in range(3)]
+    wait_until(lambda: len(jobs_in(k8s_cluster, k8s_namespace)) == 3, timeout=60, message="3 Jobs")
+    first.stop()
+    assert first.process.returncode is not None
+    assert len(jobs_in(k8s_cluster, k8s_namespace)) == 3, "the worker's exit must not delete its Jobs"
+    second = start_shim()
+    assert [r.get(timeout=90) for r in results] == [1, 1, 1]
+    wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=60,
+               message="the messages to be acked by the next worker")
+    assert [runs(taskapp, f"t{i}") for i in range(3)] == [1, 1, 1]
+    assert second.log().count("adopting running Job") + second.log().count("already ran in Job") == 3
+
+
+def test_task_longer_than_visibility_timeout_runs_once(start_shim, taskapp):
+    shim = start_shim(env={"TASKAPP_VISIBILITY_TIMEOUT": "3"})
+    result = taskapp.count.delay("long", 9)
+    assert result.get(timeout=60) == 1
+    assert runs(taskapp, "long") == 1
+    assert "delivered again" not in shim.log(), "the reservation was not kept fresh"
+
+
+def test_two_replicas_one_killed_halfway(start_shim, taskapp, k8s_cluster, k8s_namespace, redis_server):
+    shims = [start_shim(max_jobs=10, env=SHORT_VISIBILITY) for _ in range(2)]
+    with JobRecorder(k8s_cluster, k8s_namespace) as recorder:
+        results = [taskapp.count.delay(f"r{i}", 0.5) for i in range(100)]
+        wait_until(lambda: sum(1 for r in results if r.ready()) >= 50, timeout=180, message="half done")
+        shims[0].kill(signal.SIGKILL)
+        try:
+            wait_until(lambda: all(r.ready() for r in results), timeout=240, interval=1)
+        except TimeoutError:
+            pytest.fail(f"not done: {[r.id for r in results if not r.ready()]}")
+        twice = [r.id for i, r in enumerate(results) if runs(taskapp, f"r{i}") != 1]
+        assert not twice, f"ran more than once: {twice}"
+        wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=120,
+                   message=lambda: f"every message acked; last state {settled.last}")
+    assert [runs(taskapp, f"r{i}") for i in range(100)] == [1] * 100
+    assert all(len(names) == 1 for names in recorder.jobs.values())
+
+
+def test_api_server_restart_and_etcd_compaction(start_shim, taskapp, k8s_cluster, k8s_namespace,
+                                                redis_server):
+    start_shim(max_jobs=10)
+    results = [taskapp.count.delay(f"a{i}", 2) for i in range(20)]
+    wait_until(lambda: jobs_in(k8s_cluster, k8s_namespace), timeout=60, message="Jobs")
+    k8s_cluster.restart_apiserver(downtime=1)
+    k8s_cluster.compact_etcd()
+    more = [taskapp.count.delay(f"b{i}", 1) for i in range(10)]
+    time.sleep(2)
+    k8s_cluster.compact_etcd()
+    assert [r.get(timeout=180) for r in results + more] == [1] * 30
+    wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=120,
+               message="every message acked")
+    assert [runs(taskapp, f"a{i}") for i in range(20)] == [1] * 20
+    assert [runs(taskapp, f"b{i}") for i in range(10)] == [1] * 10
