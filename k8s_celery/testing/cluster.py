@@ -158,7 +158,10 @@ class LocalCluster:
         if self.with_kubelet:
             options = dict(self.kubelet_options)
             options.setdefault("api_server_port", self.port)
-            self.kubelet = ProcessKubelet(self.api, self.workdir / "kubelet", **options).start()
+            # The kubelet rides out API-server restarts, as a real one does.
+            kubelet_api = KubeApi(load_configuration(str(self.kubeconfig), in_cluster=False),
+                                  retry=RetryPolicy(attempts=60, initial_wait=0.1, max_wait=1.0))
+            self.kubelet = ProcessKubelet(kubelet_api, self.workdir / "kubelet", **options).start()
         self._started = True
         log.info("local cluster ready at %s in %.1fs", self.server, time.monotonic() - started)
 

@@ -1,0 +1,187 @@
+"""Chaos soak: tasks keep completing exactly once while everything around them fails.
+
+``python -m k8s_celery.testing.soak --tasks 200 --duration 120`` starts Redis (with
+persistence), the local cluster and two workers, publishes the tasks (each sleeps a
+random time, then counts its completed runs in Redis) and, until every task is done
+or the duration is over, injects faults at random: evict and crash task pods,
+SIGKILL and restart a worker, restart the API server, compact etcd, restart Redis.
+It then waits for the workers to settle and prints the measured counts::
+
+    tasks=200 completed=200 lost=0 duplicate_runs=0 leftover_jobs=0 leftover_secrets=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..cluster import collection_path
+from ..manifest import MANAGED_SELECTOR
+from . import wait_until
+from .cluster import LocalCluster
+from .redis import RedisServer
+
+NAMESPACE = "soak"
+FAULTS = ("evict", "crash", "kill_worker", "restart_apiserver", "compact_etcd", "restart_redis")
+
+
+@dataclass
+class SoakReport:
+    tasks: int
+    completed: int
+    lost: int
+    duplicate_runs: int
+    leftover_jobs: int
+    leftover_secrets: int
+    faults: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"tasks={self.tasks} completed={self.completed} lost={self.lost} "
+                f"duplicate_runs={self.duplicate_runs} leftover_jobs={self.leftover_jobs} "
+                f"leftover_secrets={self.leftover_secrets}")
+
+
+class Worker:
+    def __init__(self, name: str, cluster: LocalCluster, manifests: Path, env: dict, log_dir: Path):
+        self.name, self.cluster, self.manifests, self.env = name, cluster, manifests, env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", "k8s_celery.testing.soak_app",
+                "-Q", "kubernetes", "--manifests", str(self.manifests), "--namespace", NAMESPACE,
+                "--kubeconfig", str(self.cluster.kubeconfig), "--max-jobs", "8", "-l", "INFO",
+                "-n", f"{self.name}@soak", "--without-mingle", "--without-gossip"]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+            self.process.wait(30)
+
+
+def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
+             fault_interval: float = 2.0, log=print) -> SoakReport:
+    rng = random.Random(seed)
+    work_dir = Path(tempfile.mkdtemp(prefix="k8s-celery-soak-"))
+    with RedisServer(persistence=True) as redis_server, LocalCluster() as cluster:
+        broker = f"{redis_server.url}/0"
+        os.environ["CELERY_BROKER_URL"] = broker
+        cluster.create_namespace(NAMESPACE)
+        manifests = work_dir / "manifests"
+        (manifests / "kubernetes").mkdir(parents=True)
+        (manifests / "kubernetes" / "manifest.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "batch/v1", "kind": "Job", "spec": {"template": {"spec": {"containers": [{
+                "name": "task", "image": "registry.local/soak:1",
+                "env": [{"name": "CELERY_BROKER_URL", "value": broker}]}]}}}}))
+        env = {**os.environ, "CELERY_BROKER_URL": broker, "C_FORCE_ROOT": "1",
+               "K8S_CELERY_MAX_LOST_ATTEMPTS": "20", "K8S_CELERY_SWEEP_GRACE": "30",
+               "K8S_CELERY_SWEEP_INTERVAL": "5", "K8S_CELERY_PENDING_TIMEOUT": "120",
+               "K8S_CELERY_DRAIN_TIMEOUT": "0"}
+        workers = [Worker(f"soak-{i}", cluster, manifests, env, work_dir) for i in range(2)]
+        for worker in workers:
+            worker.start()
+
+        from .soak_app import app, work
+
+        results = [work.apply_async((round(rng.uniform(0.2, 3.0), 2),)) for _ in range(tasks)]
+        log(f"published {tasks} tasks; injecting faults for up to {duration:.0f}s (logs in {work_dir})")
+        faults: collections.Counter = collections.Counter()
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline and not all(_ready(r) for r in results):
+            fault = rng.choice(FAULTS)
+            if _inject(fault, rng, cluster, redis_server, workers):
+                faults[fault] += 1
+            time.sleep(rng.uniform(0.5, 2 * fault_interval))
+        for worker in workers:  # every worker up again, so that everything settles
+            if worker.process.poll() is not None:
+                worker.start()
+        log(f"faults injected: {dict(faults)}; waiting for the workers to settle")
+        client = redis_server.client()
+
+        def settled() -> bool:
+            try:
+                jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
+                return (all(_ready(r) for r in results) and client.hlen("unacked") == 0
+                        and client.llen("kubernetes") == 0 and not jobs)
+            except Exception:
+                return False
+        try:
+            wait_until(settled, timeout=max(120.0, duration), interval=1.0)
+        except TimeoutError:
+            log("did not settle in time; counting what is there")
+        completed = sum(1 for r in results if _state(r) == "SUCCESS")
+        runs = [int(client.get(f"soak:runs:{r.id}") or 0) for r in results]
+        jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
+        secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE), label_selector=MANAGED_SELECTOR)
+        report = SoakReport(tasks=tasks, completed=completed, lost=sum(1 for n in runs if n == 0),
+                            duplicate_runs=sum(max(0, n - 1) for n in runs),
+                            leftover_jobs=len(jobs), leftover_secrets=len(secrets), faults=dict(faults))
+        for worker in workers:
+            worker.kill(signal.SIGTERM)
+        app.close()
+        return report
+
+
+def _state(result) -> str:
+    try:
+        return result.state
+    except Exception:
+        return "UNKNOWN"
+
+
+def _ready(result) -> bool:
+    return _state(result) in ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def _inject(fault: str, rng: random.Random, cluster: LocalCluster, redis_server: RedisServer,
+            workers: list[Worker]) -> bool:
+    try:
+        if fault in ("evict", "crash"):
+            pods = [p for p in cluster.kubelet.running_pods() if p[0] == NAMESPACE]
+            if not pods:
+                return False
+            getattr(cluster.kubelet, fault)(*rng.choice(pods))
+        elif fault == "kill_worker":
+            worker = rng.choice(workers)
+            worker.kill(signal.SIGKILL)
+            time.sleep(rng.uniform(0.5, 3))
+            worker.start()
+        elif fault == "restart_apiserver":
+            cluster.restart_apiserver(downtime=rng.uniform(0, 2))
+        elif fault == "compact_etcd":
+            cluster.compact_etcd()
+        elif fault == "restart_redis":
+            redis_server.restart(downtime=rng.uniform(0, 1))
+        return True
+    except LookupError:  # the pod ended meanwhile
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m k8s_celery.testing.soak", description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of fault injection at most")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    report = run_soak(args.tasks, args.duration, args.seed)
+    print(report.line())
+    return 0 if report.lost == report.duplicate_runs == report.leftover_jobs == report.leftover_secrets == 0 \
+        and report.completed == report.tasks else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

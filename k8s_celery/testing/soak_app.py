@@ -1,0 +1,37 @@
+"""The Celery app of the chaos soak: every task counts its completed runs in Redis."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
+
+BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+
+app = Celery("soak", broker=BROKER, backend=BROKER)
+app.conf.update(
+    task_default_queue="kubernetes",
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": float(os.environ.get("SOAK_VISIBILITY_TIMEOUT", 10)),
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
+    # Redis restarts during the soak: results are stored once it is back.
+    result_backend_always_retry=True,
+    result_backend_max_retries=60,
+    redis_backend_health_check_interval=5,
+)
+
+
+@retry(retry=retry_if_exception_type(redis.ConnectionError), stop=stop_after_delay(60), wait=wait_fixed(0.5),
+       reraise=True)
+def _count_run(task_id: str) -> int:
+    return redis.Redis.from_url(BROKER).incr(f"soak:runs:{task_id}")
+
+
+@app.task(name="soak.work", bind=True)
+def work(self, seconds: float) -> int:
+    """Sleep, then count one completed run of this task id."""
+    time.sleep(seconds)
+    return _count_run(self.request.id)
