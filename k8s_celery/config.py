@@ -70,7 +70,7 @@ class Settings:
     kubernetes_version: str = DEFAULT_KUBERNETES_VERSION
     watch_resync: float = 300.0
     sweep_interval: float = 60.0
-    sweep_grace: float = 7200.0
+    sweep_grace: float = 60.0
     launch_threads: int = 4
 
     @classmethod

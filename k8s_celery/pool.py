@@ -31,7 +31,7 @@ from . import outcome as outcomes
 from .cluster import ApiError, KubeApi, Watcher, collection_path, load_configuration, object_path
 from .config import ManifestStore, Settings
 from .errors import (ConfigError, PodPendingTimeout, TaskLaunchError, TaskLostError)
-from .manifest import (LABEL_ATTEMPT, MANAGED_SELECTOR, TaskSpec, build_job, build_secret,
+from .manifest import (ANNOTATION_TASK_ID, LABEL_ATTEMPT, MANAGED_SELECTOR, TaskSpec, build_job, build_secret,
                        task_overrides, task_selector)
 
 log = logging.getLogger(__name__)
@@ -588,12 +588,16 @@ class KubernetesPool(BasePool):
         return interval
 
     def _sweep(self) -> None:
-        """Delete finished Jobs of this namespace that no task here owns, after a grace period.
+        """Delete finished Jobs that no live task needs any more.
 
-        The grace period must outlast the broker's redelivery of a message whose worker
-        died after the pod ended (the visibility timeout), so that the redelivery still
-        finds the outcome instead of running the task again.
+        A worker killed between the ack and its clean-up leaves its Job behind. Such
+        a Job is deleted once it has been finished for the grace period *and* the
+        result backend holds the task's final state; a Job of a task that is still
+        to be retried (a lost attempt) stays, since it counts the attempts. The
+        TTL controller removes whatever is left after ``job_ttl``.
         """
+        from celery import states
+
         jobs, _ = self.api.list(collection_path("jobs", self.namespace), label_selector=MANAGED_SELECTOR)
         cutoff = time.time() - self.settings.sweep_grace
         with self._lock:
@@ -603,8 +607,11 @@ class KubernetesPool(BasePool):
             condition = outcomes.job_condition(job)
             if name in owned or condition is None:
                 continue
-            if _timestamp(condition.get("lastTransitionTime")) < cutoff:
-                log.info("sweeping finished Job %s left by an earlier worker", name)
+            if _timestamp(condition.get("lastTransitionTime")) > cutoff:
+                continue
+            task_id = (job["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID)
+            if task_id and self.app.backend.get_task_meta(task_id).get("status") in states.READY_STATES:
+                log.info("sweeping Job %s of finished task %s", name, task_id)
                 self._delete_job(name)
 
     # -- finishing ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import random
 import signal
@@ -45,6 +46,8 @@ class SoakReport:
     leftover_jobs: int
     leftover_secrets: int
     faults: dict = field(default_factory=dict)
+    duplicated: list = field(default_factory=list)
+    work_dir: str = ""
 
     def line(self) -> str:
         return (f"tasks={self.tasks} completed={self.completed} lost={self.lost} "
@@ -88,7 +91,7 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                 "name": "task", "image": "registry.local/soak:1",
                 "env": [{"name": "CELERY_BROKER_URL", "value": broker}]}]}}}}))
         env = {**os.environ, "CELERY_BROKER_URL": broker, "C_FORCE_ROOT": "1",
-               "K8S_CELERY_MAX_LOST_ATTEMPTS": "20", "K8S_CELERY_SWEEP_GRACE": "30",
+               "K8S_CELERY_MAX_LOST_ATTEMPTS": "20", "K8S_CELERY_SWEEP_GRACE": "10",
                "K8S_CELERY_SWEEP_INTERVAL": "5", "K8S_CELERY_PENDING_TIMEOUT": "120",
                "K8S_CELERY_DRAIN_TIMEOUT": "0"}
         workers = [Worker(f"soak-{i}", cluster, manifests, env, work_dir) for i in range(2)]
@@ -97,7 +100,11 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
 
         from .soak_app import app, work
 
-        results = [work.apply_async((round(rng.uniform(0.2, 3.0), 2),)) for _ in range(tasks)]
+        client = redis_server.client()
+        # States are read straight from the backend's keys: the result consumer of this
+        # process does not survive the Redis restarts the soak injects.
+        results = [TaskState(work.apply_async((round(rng.uniform(0.2, 3.0), 2),)).id, client)
+                   for _ in range(tasks)]
         log(f"published {tasks} tasks; injecting faults for up to {duration:.0f}s (logs in {work_dir})")
         faults: collections.Counter = collections.Counter()
         deadline = time.monotonic() + duration
@@ -110,36 +117,53 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
             if worker.process.poll() is not None:
                 worker.start()
         log(f"faults injected: {dict(faults)}; waiting for the workers to settle")
-        client = redis_server.client()
+
+        state: dict = {}
 
         def settled() -> bool:
             try:
                 jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
-                return (all(_ready(r) for r in results) and client.hlen("unacked") == 0
-                        and client.llen("kubernetes") == 0 and not jobs)
-            except Exception:
+                state.update(pending_results=sum(1 for r in results if not _ready(r)),
+                             unacked=client.hlen("unacked"), queued=client.llen("kubernetes"), jobs=len(jobs))
+            except Exception as exc:
+                state["error"] = repr(exc)
                 return False
+            return not any(state.values())
         try:
             wait_until(settled, timeout=max(120.0, duration), interval=1.0)
         except TimeoutError:
-            log("did not settle in time; counting what is there")
+            log(f"did not settle in time ({state}); counting what is there")
         completed = sum(1 for r in results if _state(r) == "SUCCESS")
-        runs = [int(client.get(f"soak:runs:{r.id}") or 0) for r in results]
+        runs = [client.scard(f"soak:runs:{r.id}") for r in results]
         jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
         secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE), label_selector=MANAGED_SELECTOR)
         report = SoakReport(tasks=tasks, completed=completed, lost=sum(1 for n in runs if n == 0),
                             duplicate_runs=sum(max(0, n - 1) for n in runs),
-                            leftover_jobs=len(jobs), leftover_secrets=len(secrets), faults=dict(faults))
+                            leftover_jobs=len(jobs), leftover_secrets=len(secrets), faults=dict(faults),
+                            duplicated=[r.id for r, n in zip(results, runs) if n > 1], work_dir=str(work_dir))
         for worker in workers:
             worker.kill(signal.SIGTERM)
         app.close()
         return report
 
 
-def _state(result) -> str:
+@dataclass
+class TaskState:
+    """A task's state as the result backend (Redis) has it."""
+
+    id: str
+    client: object
+
+    @property
+    def state(self) -> str:
+        raw = self.client.get(f"celery-task-meta-{self.id}")
+        return json.loads(raw)["status"] if raw else "PENDING"
+
+
+def _state(result: TaskState) -> str:
     try:
         return result.state
-    except Exception:
+    except Exception:  # Redis is restarting
         return "UNKNOWN"
 
 
@@ -178,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     report = run_soak(args.tasks, args.duration, args.seed)
+    if report.duplicated:
+        print(f"ran more than once: {report.duplicated} (logs in {report.work_dir})")
     print(report.line())
     return 0 if report.lost == report.duplicate_runs == report.leftover_jobs == report.leftover_secrets == 0 \
         and report.completed == report.tasks else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import redis
@@ -26,12 +27,16 @@ app.conf.update(
 
 @retry(retry=retry_if_exception_type(redis.ConnectionError), stop=stop_after_delay(60), wait=wait_fixed(0.5),
        reraise=True)
-def _count_run(task_id: str) -> int:
-    return redis.Redis.from_url(BROKER).incr(f"soak:runs:{task_id}")
+def _count_run(task_id: str, run: str) -> int:
+    # A set of pod names, not INCR: retrying the call after a Redis restart must
+    # not count one run twice; a second pod running the task does count.
+    client = redis.Redis.from_url(BROKER)
+    client.sadd(f"soak:runs:{task_id}", run)
+    return client.scard(f"soak:runs:{task_id}")
 
 
 @app.task(name="soak.work", bind=True)
 def work(self, seconds: float) -> int:
     """Sleep, then count one completed run of this task id."""
     time.sleep(seconds)
-    return _count_run(self.request.id)
+    return _count_run(self.request.id, socket.gethostname())

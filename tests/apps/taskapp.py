@@ -27,6 +27,11 @@ app.conf.update(
 )
 
 
+if os.environ.get("TASKAPP_BEAT"):
+    app.conf.beat_schedule = {"count-every-2s": {"task": "taskapp.count", "schedule": 2.0,
+                                                 "args": ("beat",)}}
+
+
 def store() -> redis.Redis:
     return redis.Redis.from_url(BROKER)
 
