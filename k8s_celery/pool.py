@@ -770,6 +770,9 @@ def exception_info(exc: BaseException, traceback_text: str | None = None) -> Exc
         raise exc
     except BaseException:
         einfo = ExceptionInfo()
+    # As after the trip from a prefork child: the exception itself, not billiard's
+    # local wrapper (whose repr would reach events and Flower).
+    einfo.exception = exc
     if traceback_text:
         einfo.traceback = traceback_text
     return einfo

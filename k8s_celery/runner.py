@@ -114,6 +114,28 @@ def _set_exception(result: outcomes.Outcome, exc: BaseException) -> None:
                        for a in exc.args]
 
 
+def already_succeeded(app, task_id: str) -> outcomes.Outcome | None:
+    """The stored success of this task, if the result backend has one.
+
+    Kubernetes may start a second pod for one Job ("the same program may sometimes
+    be started twice", say the Job docs), and a message may be redelivered after
+    its task succeeded; neither should run the task again.
+    """
+    backend = app.backend
+    if not getattr(backend, "persistent", False):
+        return None
+    try:
+        meta = backend.get_task_meta(task_id)
+    except Exception as exc:  # the backend is unreachable: run, as a worker would
+        log.warning("cannot read the state of %s from the result backend: %s", task_id, exc)
+        return None
+    if meta.get("status") != "SUCCESS":
+        return None
+    from celery.utils.saferepr import saferepr
+
+    return outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result")))
+
+
 def write_outcome(outcome: outcomes.Outcome, path: str) -> None:
     text = outcomes.encode(outcome)
     try:
@@ -150,6 +172,11 @@ def run(payload_path: str | None = None, app_name: str | None = None,
 
     from celery.app.trace import trace_task_ret
 
+    done = already_succeeded(app, payload["id"])
+    if done is not None:
+        log.info("%s[%s] already succeeded; not running it again", payload["task"], payload["id"])
+        write_outcome(done, termination_log)
+        return 0
     log.info("running %s[%s]", payload["task"], payload["id"])
     arm_soft_time_limit(payload.get("soft_time_limit"))
     try:

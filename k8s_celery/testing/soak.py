@@ -123,8 +123,11 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
         def settled() -> bool:
             try:
                 jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
+                secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE),
+                                              label_selector=MANAGED_SELECTOR)
                 state.update(pending_results=sum(1 for r in results if not _ready(r)),
-                             unacked=client.hlen("unacked"), queued=client.llen("kubernetes"), jobs=len(jobs))
+                             unacked=client.hlen("unacked"), queued=client.llen("kubernetes"), jobs=len(jobs),
+                             secrets=len(secrets))
             except Exception as exc:
                 state["error"] = repr(exc)
                 return False
@@ -134,7 +137,11 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
         except TimeoutError:
             log(f"did not settle in time ({state}); counting what is there")
         completed = sum(1 for r in results if _state(r) == "SUCCESS")
-        runs = [client.scard(f"soak:runs:{r.id}") for r in results]
+        pods = [sorted(m.decode() for m in client.smembers(f"soak:runs:{r.id}")) for r in results]
+        runs = [len(p) for p in pods]
+        for result, names in zip(results, pods):
+            if len(names) > 1:
+                log(f"task {result.id} ran to its end in {len(names)} pods: {names}")
         jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
         secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE), label_selector=MANAGED_SELECTOR)
         report = SoakReport(tasks=tasks, completed=completed, lost=sum(1 for n in runs if n == 0),
