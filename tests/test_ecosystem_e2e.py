@@ -100,13 +100,20 @@ def test_calling_api(start_shim, taskapp, k8s_cluster, k8s_namespace):
     assert linked.get(timeout=60) == 2
     wait_until(lambda: linked.children and linked.children[0].ready(), timeout=60, message="the link")
     assert linked.children[0].get(timeout=10) == 12
-    failing = taskapp.fail.apply_async(("x",), link_error=taskapp.echo.si("errback ran"))
+    failing = taskapp.fail.apply_async(("x",), link_error=taskapp.count.si("errback"))
     with pytest.raises(ValueError):
         failing.get(timeout=60)
+    wait_until(lambda: taskapp.store().get("runs:errback") == b"1", timeout=60, message="the errback")
     from celery import group
 
     assert group(taskapp.add.s(i, i) for i in range(4)).delay().get(timeout=120) == [0, 2, 4, 6]
     assert taskapp.add.starmap([(1, 1), (2, 2)]).delay().get(timeout=60) == [2, 4]
+    tracked = taskapp.sleep.delay(3)
+    wait_until(lambda: tracked.state == "STARTED", timeout=60, message="STARTED (task_track_started)")
+    assert tracked.get(timeout=60) == 3
+    extended = taskapp.app.AsyncResult(tracked.id)
+    assert extended.name == "taskapp.sleep" and extended.args == [3]
+    assert extended.worker.startswith("kc-"), "result_extended: the pod's name is the worker"
     ignored = taskapp.echo.apply_async(("quiet",), ignore_result=True)
     wait_until(lambda: not jobs_in(k8s_cluster, k8s_namespace), timeout=60, message="the quiet Job done")
     assert ignored.state == "PENDING"

@@ -16,6 +16,7 @@ app.conf.update(
     task_routes={"taskapp.local_*": {"queue": "default"}},
     task_default_queue="kubernetes",
     result_extended=True,
+    task_track_started=True,
     broker_connection_retry_on_startup=True,
     task_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
     result_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
