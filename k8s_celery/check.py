@@ -1,0 +1,102 @@
+"""``k8s-celery check``: is this worker able to run? Each check prints PASS or FAIL."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from .cluster import KubeApi, collection_path, load_configuration
+from .config import ManifestStore, Settings
+from .errors import ConfigError
+
+#: Every verb the worker uses, and why.
+REQUIRED_ACCESS = (
+    ("batch", "jobs", "create", "launch a task's Job"),
+    ("batch", "jobs", "get", "read a Job created by an earlier delivery"),
+    ("batch", "jobs", "list", "find a task's Jobs on redelivery, relist the watch"),
+    ("batch", "jobs", "watch", "follow every Job of the worker with one watch"),
+    ("batch", "jobs", "delete", "remove finished Jobs, terminate revoked tasks"),
+    ("", "pods", "list", "find a Job's pod on adoption, relist the watch"),
+    ("", "pods", "watch", "follow every task pod with one watch"),
+    ("", "secrets", "create", "hand each task's payload to its pod"),
+)
+
+
+def access_checks(api: KubeApi, namespace: str) -> list[tuple[str, bool, str]]:
+    """One SelfSubjectAccessReview per required verb: ``(what, allowed, why)``."""
+    results = []
+    for group, resource, verb, why in REQUIRED_ACCESS:
+        review = api.create(collection_path("selfsubjectaccessreviews"), {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"namespace": namespace, "group": group,
+                                            "resource": resource, "verb": verb}}})
+        allowed = bool(review.get("status", {}).get("allowed"))
+        results.append((f"{verb} {resource}", allowed, why))
+    return results
+
+
+def run_checks(app_name: str, queues: list[str], settings: Settings, out=print) -> bool:
+    ok = True
+
+    def report(passed: bool, what: str, detail: str = "") -> None:
+        nonlocal ok
+        ok = ok and passed
+        out(f"{'PASS' if passed else 'FAIL'}  {what}{': ' + detail if detail else ''}")
+
+    def attempt(what: str, fn: Callable[[], str]) -> bool:
+        try:
+            report(True, what, fn())
+            return True
+        except Exception as exc:  # every failure is a FAIL line, never a traceback
+            report(False, what, str(exc))
+            return False
+
+    def load_app() -> str:
+        from .runner import load_app as load
+
+        app = load(app_name)
+        return f"{len([t for t in app.tasks if not t.startswith('celery.')])} tasks registered"
+    attempt(f"Celery app {app_name}", load_app)
+    manifests = ManifestStore(settings)
+    def manifest(queue: str) -> str:
+        manifests.load(queue)
+        return str(manifests.path_for(queue) or "K8S_CELERY_JOB_MANIFEST")
+    for queue in queues:
+        attempt(f"Job manifest of queue {queue}", lambda queue=queue: manifest(queue))
+    namespace = settings.resolved_namespace()
+    api_holder: list[KubeApi] = []
+
+    def connect() -> str:
+        api = KubeApi(load_configuration(settings.kubeconfig, settings.kube_context))
+        version = api.get("/version")
+        api_holder.append(api)
+        return f"{api.host}, Kubernetes {version.get('gitVersion')}"
+    if attempt("API server", connect):
+        for what, allowed, why in access_checks(api_holder[0], namespace):
+            report(allowed, f"may {what} in namespace {namespace}", why if allowed else f"missing; needed to {why}")
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="k8s-celery check",
+                                     description="Validate configuration, manifests and RBAC.")
+    parser.add_argument("-A", "--app", required=True)
+    parser.add_argument("-Q", "--queues", required=True)
+    parser.add_argument("--manifests")
+    parser.add_argument("--namespace")
+    parser.add_argument("--kubeconfig")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.load(None, manifests_dir=args.manifests, namespace=args.namespace,
+                                 kubeconfig=args.kubeconfig or os.environ.get("K8S_CELERY_KUBECONFIG"))
+    except ConfigError as exc:
+        print(f"FAIL  settings: {exc}")
+        return 1
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    return 0 if run_checks(args.app, queues, settings) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""``k8s-celery check`` against the real API server with RBAC on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import APPS, write_manifest
+from k8s_celery.check import REQUIRED_ACCESS
+from k8s_celery.cluster import collection_path
+
+pytestmark = pytest.mark.cluster
+
+
+def grant(cluster, namespace: str, name: str, skip: tuple[str, str] | None = None) -> None:
+    rules = {}
+    for group, resource, verb, _ in REQUIRED_ACCESS:
+        if (verb, resource) != skip:
+            rules.setdefault((group, resource), []).append(verb)
+    api = cluster.api
+    api.create(collection_path("serviceaccounts", namespace), {
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+    api.create(collection_path("roles", namespace), {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
+        "rules": [{"apiGroups": [group], "resources": [resource], "verbs": verbs}
+                  for (group, resource), verbs in rules.items()]})
+    api.create(collection_path("rolebindings", namespace), {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
+
+
+def check(cluster, namespace, tmp_path, account: str) -> subprocess.CompletedProcess:
+    kubeconfig = cluster.kubeconfig_for_token(cluster.service_account_token(namespace, account),
+                                              tmp_path / f"{account}.kubeconfig", namespace=namespace)
+    write_manifest(tmp_path / "manifests", "kubernetes", "redis://broker:6379/0")
+    env = {**os.environ, "PYTHONPATH": str(APPS), "CELERY_BROKER_URL": "memory://"}
+    return subprocess.run([sys.executable, "-m", "k8s_celery", "check", "-A", "taskapp", "-Q", "kubernetes",
+                           "--manifests", str(tmp_path / "manifests"), "--namespace", namespace,
+                           "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_check_passes_with_every_verb(k8s_cluster, k8s_namespace, tmp_path):
+    grant(k8s_cluster, k8s_namespace, "shim")
+    done = check(k8s_cluster, k8s_namespace, tmp_path, "shim")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("PASS") == 3 + len(REQUIRED_ACCESS) and "FAIL" not in done.stdout
+
+
+def test_check_names_the_missing_verb(k8s_cluster, k8s_namespace, tmp_path):
+    grant(k8s_cluster, k8s_namespace, "partial", skip=("delete", "jobs"))
+    done = check(k8s_cluster, k8s_namespace, tmp_path, "partial")
+    assert done.returncode == 1
+    failures = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    assert failures == [f"FAIL  may delete jobs in namespace {k8s_namespace}: missing; needed to "
+                        "remove finished Jobs, terminate revoked tasks"]
