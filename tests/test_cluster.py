@@ -1,0 +1,70 @@
+"""The Kubernetes client layer: retry policy and the list+watch, against the real API server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from k8s_celery.cluster import ApiError, KubeApi, RetryPolicy, Watcher, collection_path, load_configuration
+from k8s_celery.testing import wait_until
+from k8s_celery.testing.cluster import free_port
+
+
+def test_transient_and_client_errors():
+    assert ApiError(503, "ServiceUnavailable").retryable and ApiError(429, "TooManyRequests").retryable
+    assert ApiError(0, "ConnectionError").retryable
+    assert not ApiError(403, "Forbidden").retryable and not ApiError(422, "Invalid").retryable
+
+
+@pytest.mark.cluster
+def test_client_errors_are_not_retried(k8s_cluster, k8s_namespace, caplog):
+    api = KubeApi(load_configuration(str(k8s_cluster.kubeconfig), in_cluster=False),
+                  retry=RetryPolicy(attempts=5, initial_wait=0.01))
+    with caplog.at_level(logging.WARNING), pytest.raises(ApiError) as raised:
+        api.get(f"{collection_path('configmaps', k8s_namespace)}/missing")
+    assert raised.value.not_found and "retry" not in caplog.text
+
+
+@pytest.mark.cluster
+def test_connection_errors_are_retried_with_backoff(k8s_cluster, caplog):
+    configuration = load_configuration(str(k8s_cluster.kubeconfig), in_cluster=False)
+    configuration.host = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    api = KubeApi(configuration, retry=RetryPolicy(attempts=3, initial_wait=0.01, max_wait=0.05))
+    with caplog.at_level(logging.WARNING), pytest.raises(ApiError) as raised:
+        api.get("/version")
+    assert raised.value.status == 0
+    assert caplog.text.count("Kubernetes API call failed") == 2
+
+
+@pytest.mark.cluster
+def test_watch_survives_an_api_server_restart_and_410(k8s_cluster, k8s_namespace):
+    api = k8s_cluster.api
+    seen: list[str] = []
+    synced: list[int] = []
+    added = threading.Event()
+
+    def on_event(kind, obj):
+        seen.append(obj["metadata"]["name"])
+        added.set()
+    watcher = Watcher(KubeApi(load_configuration(str(k8s_cluster.kubeconfig), in_cluster=False)),
+                      collection_path("configmaps", k8s_namespace), on_event,
+                      on_sync=lambda objects: synced.append(len(objects)), read_timeout=5).start()
+    try:
+        assert watcher.wait_synced(30)
+        api.create(collection_path("configmaps", k8s_namespace), {"metadata": {"name": "before"}})
+        wait_until(lambda: "before" in seen, message="the first event")
+        for index in range(3):  # history the compaction will drop
+            api.create(collection_path("configmaps", k8s_namespace), {"metadata": {"name": f"c{index}"}})
+        wait_until(lambda: "c2" in seen, message="the events")
+        k8s_cluster.processes["kube-apiserver"].stop(timeout=3)
+        k8s_cluster.compact_etcd()
+        k8s_cluster.processes["kube-apiserver"].start()
+        k8s_cluster.wait_ready()
+        api.create(collection_path("configmaps", k8s_namespace), {"metadata": {"name": "after"}})
+        wait_until(lambda: "after" in seen or watcher.relists > 1 and synced[-1] >= 5, timeout=60,
+                   message="the object created after the restart")
+        assert watcher.relists >= 1
+    finally:
+        watcher.stop()
