@@ -120,15 +120,39 @@ def _running_in_cluster() -> bool:
         "/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
+class RateLimiter:
+    """A token bucket, like client-go's: at most ``qps`` requests a second, bursts of ``burst``."""
+
+    def __init__(self, qps: float = 50.0, burst: int = 100):
+        self.qps = qps
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if self.qps <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.qps)
+            self._last = now
+            self._tokens -= 1
+            wait = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
+
+
 class KubeApi:
-    """A JSON client for the Kubernetes REST API with retries.
+    """A JSON client for the Kubernetes REST API with retries and a request-rate limit.
 
     Paths are REST paths (``/apis/batch/v1/namespaces/ns/jobs``); bodies and answers
     are dicts.
     """
 
     def __init__(self, configuration: k8s_client.Configuration, retry: RetryPolicy | None = None,
-                 timeout: float = 30.0, on_error: Callable[[ApiError], None] | None = None):
+                 timeout: float = 30.0, on_error: Callable[[ApiError], None] | None = None,
+                 rate_limiter: RateLimiter | None = None):
         configuration.retries = False  # our retry policy is the only one
         if configuration.connection_pool_maxsize is None or configuration.connection_pool_maxsize < 16:
             configuration.connection_pool_maxsize = 16
@@ -136,6 +160,7 @@ class KubeApi:
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self.on_error = on_error
+        self.rate_limiter = rate_limiter or RateLimiter()
         self._pool = k8s_client.rest.RESTClientObject(configuration).pool_manager
         self.host = configuration.host.rstrip("/")
 
@@ -162,6 +187,7 @@ class KubeApi:
                      content_type: str = "application/json", timeout: float | None = None) -> dict:
         """One request, no retry. Raises :class:`ApiError` on any non-2xx answer."""
         data = json.dumps(body).encode() if body is not None else None
+        self.rate_limiter.acquire()
         try:
             response = self._pool.request(
                 method, self.url(path, params), body=data,

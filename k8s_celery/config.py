@@ -71,6 +71,8 @@ class Settings:
     watch_resync: float = 300.0
     sweep_interval: float = 60.0
     sweep_grace: float = 60.0
+    api_qps: float = 50.0
+    api_burst: int = 100
     launch_threads: int = 4
 
     @classmethod
@@ -81,7 +83,7 @@ class Settings:
             "pending_timeout": _seconds, "max_lost_attempts": _count, "job_ttl": _seconds,
             "drain_timeout": _seconds, "runner_command": _command, "kubernetes_version": str,
             "watch_resync": _seconds, "launch_threads": _count, "sweep_interval": _seconds,
-            "sweep_grace": _seconds,
+            "sweep_grace": _seconds, "api_qps": _seconds, "api_burst": _count,
         }
 
     @classmethod

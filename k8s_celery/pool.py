@@ -28,7 +28,7 @@ from celery.concurrency.base import BasePool
 from celery.exceptions import Ignore, Reject, Retry, Terminated
 
 from . import outcome as outcomes
-from .cluster import ApiError, KubeApi, Watcher, collection_path, load_configuration, object_path
+from .cluster import ApiError, KubeApi, RateLimiter, Watcher, collection_path, load_configuration, object_path
 from .config import ManifestStore, Settings
 from .errors import (ConfigError, PodPendingTimeout, TaskLaunchError, TaskLostError)
 from .manifest import (ANNOTATION_TASK_ID, LABEL_ATTEMPT, MANAGED_SELECTOR, TaskSpec, build_job, build_secret,
@@ -146,7 +146,10 @@ class KubernetesPool(BasePool):
             raise ConfigError("cannot tell which Celery app the pods should load: "
                               "set K8S_CELERY_APP or the k8s_celery_app setting")
         self._force_task_options()
-        self.api = KubeApi(load_configuration(self.settings.kubeconfig, self.settings.kube_context))
+        for warning in broker_warnings(self.app):
+            log.warning(warning)
+        self.api = KubeApi(load_configuration(self.settings.kubeconfig, self.settings.kube_context),
+                           rate_limiter=RateLimiter(self.settings.api_qps, self.settings.api_burst))
         self._executor = ThreadPoolExecutor(self.settings.launch_threads, thread_name_prefix="k8s-launch")
         self._watchers = [
             Watcher(self.api, collection_path("jobs", self.namespace), self._on_job_event,
@@ -762,6 +765,24 @@ class KubernetesPool(BasePool):
         if result.state == outcomes.IGNORED:
             return Ignore()
         return original or RuntimeError("the task failed without an exception")
+
+
+def broker_warnings(app) -> list[str]:
+    """Start-up checks of broker settings that would make long Jobs run twice."""
+    transport = (app.conf.broker_url or "").split("://", 1)[0].split("+")[0]
+    if transport not in ("amqp", "pyamqp", "amqps"):
+        return []
+    timeouts = {queue.name: (queue.queue_arguments or {}).get("x-consumer-timeout")
+                for queue in app.amqp.queues.consume_from.values()}
+    missing = sorted(name for name, value in timeouts.items() if value is None)
+    warnings = [f"queue {name}: x-consumer-timeout is {value} ms; a Job running longer is "
+                "redelivered (and adopted) when RabbitMQ closes the channel"
+                for name, value in sorted(timeouts.items()) if value is not None]
+    if missing:
+        warnings.append(f"RabbitMQ closes a channel whose delivery is not acked within its "
+                        f"consumer_timeout (30 minutes by default); queues {', '.join(missing)} set no "
+                        "x-consumer-timeout, so raise consumer_timeout above your longest task")
+    return warnings
 
 
 def exception_info(exc: BaseException, traceback_text: str | None = None) -> ExceptionInfo:

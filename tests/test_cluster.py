@@ -68,3 +68,15 @@ def test_watch_survives_an_api_server_restart_and_410(k8s_cluster, k8s_namespace
         assert watcher.relists >= 1
     finally:
         watcher.stop()
+
+
+def test_rate_limiter_bounds_the_request_rate():
+    import time
+
+    from k8s_celery.cluster import RateLimiter
+
+    limiter = RateLimiter(qps=100, burst=5)
+    started = time.monotonic()
+    for _ in range(25):
+        limiter.acquire()
+    assert time.monotonic() - started >= 0.18  # 20 requests beyond the burst at 100/s

@@ -77,3 +77,18 @@ def test_lost_attempts_end_in_failure_at_the_limit(pool):
     assert pool._final_loss(entry, lost)
     entry.lost_before = 3  # found already exhausted at launch
     assert pool._final_loss(entry, lost)
+
+
+def test_rabbitmq_consumer_timeout_is_checked_at_start():
+    from kombu import Queue
+
+    from k8s_celery.pool import broker_warnings
+
+    app = Celery("rabbit", broker="amqp://guest@localhost//")
+    app.conf.task_queues = [Queue("kubernetes", queue_arguments={"x-consumer-timeout": 7200000}),
+                            Queue("plain")]
+    app.amqp.queues.select(["kubernetes", "plain"])
+    warnings = broker_warnings(app)
+    assert "queue kubernetes: x-consumer-timeout is 7200000 ms" in warnings[0]
+    assert "queues plain set no x-consumer-timeout" in warnings[1]
+    assert broker_warnings(Celery("redis", broker="redis://localhost")) == []
