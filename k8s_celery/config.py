@@ -40,6 +40,13 @@ def _count(value: Any) -> int:
     return number
 
 
+def _port(value: Any) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError("must be a TCP port (1-65535)")
+    return number
+
+
 def _optional_str(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
@@ -73,6 +80,7 @@ class Settings:
     sweep_grace: float = 60.0
     api_qps: float = 50.0
     api_burst: int = 100
+    metrics_port: int | None = None
     launch_threads: int = 4
 
     @classmethod
@@ -84,6 +92,7 @@ class Settings:
             "drain_timeout": _seconds, "runner_command": _command, "kubernetes_version": str,
             "watch_resync": _seconds, "launch_threads": _count, "sweep_interval": _seconds,
             "sweep_grace": _seconds, "api_qps": _seconds, "api_burst": _count,
+            "metrics_port": _port,
         }
 
     @classmethod

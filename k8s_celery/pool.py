@@ -27,6 +27,7 @@ from billiard.exceptions import WorkerLostError
 from celery.concurrency.base import BasePool
 from celery.exceptions import Ignore, Reject, Retry, Terminated
 
+from . import metrics
 from . import outcome as outcomes
 from .cluster import ApiError, KubeApi, RateLimiter, Watcher, collection_path, load_configuration, object_path
 from .config import ManifestStore, Settings
@@ -41,6 +42,12 @@ PENDING_TIMEOUT = "PENDING_TIMEOUT"
 LAUNCH_FAILED = "LAUNCH_FAILED"
 REQUEUE = "REQUEUE"
 TERMINATED = "TERMINATED"
+
+
+OUTCOME_LABELS = {outcomes.SUCCESS: "succeeded", outcomes.FAILURE: "failed", outcomes.RETRY: "retried",
+                  outcomes.REJECTED: "rejected", outcomes.IGNORED: "ignored", outcomes.LOST: "lost",
+                  outcomes.TIME_LIMIT: "failed", PENDING_TIMEOUT: "failed", LAUNCH_FAILED: "failed",
+                  REQUEUE: "requeued", TERMINATED: "revoked"}
 
 
 class Callbacks:
@@ -76,6 +83,7 @@ class InFlight:
         self.finished = False
         self.lost_before = 0
         self.terminate_signal: int | None = None
+        self.ended_at: float | None = None
 
     @property
     def task_id(self) -> str:
@@ -149,7 +157,10 @@ class KubernetesPool(BasePool):
         for warning in broker_warnings(self.app):
             log.warning(warning)
         self.api = KubeApi(load_configuration(self.settings.kubeconfig, self.settings.kube_context),
-                           rate_limiter=RateLimiter(self.settings.api_qps, self.settings.api_burst))
+                           rate_limiter=RateLimiter(self.settings.api_qps, self.settings.api_burst),
+                           on_error=lambda error: metrics.API_ERRORS.labels(str(error.status)).inc())
+        if self.settings.metrics_port:
+            metrics.serve(self.settings.metrics_port)
         self._executor = ThreadPoolExecutor(self.settings.launch_threads, thread_name_prefix="k8s-launch")
         self._watchers = [
             Watcher(self.api, collection_path("jobs", self.namespace), self._on_job_event,
@@ -243,6 +254,7 @@ class KubernetesPool(BasePool):
                 return current
             entry = InFlight(self, spec, callbacks)
             self._by_task[task_id] = entry
+            metrics.IN_FLIGHT.set(len(self._by_task))
             if self._active < self.limit:
                 self._active += 1
                 self._submit(self._launch, entry)
@@ -428,6 +440,8 @@ class KubernetesPool(BasePool):
                 entry.job = created
             entry.job_created_at = time.monotonic()
         self._ensure_secret(entry, created)
+        metrics.JOBS_LAUNCHED.labels(spec.queue, spec.name).inc()
+        metrics.LAUNCH_SECONDS.observe(time.monotonic() - entry.received)
         with self._lock:
             self.counters["launched"] += 1
         log.info("task %s[%s] -> Job %s/%s", spec.name, spec.task_id, self.namespace, spec.job_name)
@@ -632,6 +646,8 @@ class KubernetesPool(BasePool):
             result = outcomes.Outcome(TERMINATED)
         self._by_task.pop(entry.task_id, None)
         self._by_job.pop(entry.job_name, None)
+        metrics.IN_FLIGHT.set(len(self._by_task))
+        entry.ended_at = time.monotonic()
         for delivery in entry.deliveries:
             self._notify(self._deliver, entry, delivery, result, error)
         requeued = result.state == REQUEUE or (
@@ -694,6 +710,16 @@ class KubernetesPool(BasePool):
 
     def _deliver(self, entry: InFlight, delivery: Callbacks, result: outcomes.Outcome,
                  error: Exception | None) -> None:
+        self._deliver_outcome(entry, delivery, result, error)
+        label = OUTCOME_LABELS.get(result.state, "failed")
+        if result.state == outcomes.LOST and not self._final_loss(entry, result):
+            label = "requeued"
+        metrics.TASK_OUTCOMES.labels(entry.spec.queue, entry.spec.name, label).inc()
+        if entry.ended_at is not None and result.state in outcomes.TASK_STATES:
+            metrics.ACK_SECONDS.observe(time.monotonic() - entry.ended_at)
+
+    def _deliver_outcome(self, entry: InFlight, delivery: Callbacks, result: outcomes.Outcome,
+                         error: Exception | None) -> None:
         spec = entry.spec
         state = result.state
         if state in outcomes.TASK_STATES or state == outcomes.TIME_LIMIT:

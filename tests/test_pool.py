@@ -79,11 +79,12 @@ def test_lost_attempts_end_in_failure_at_the_limit(pool):
     assert pool._final_loss(entry, lost)
 
 
-def test_rabbitmq_consumer_timeout_is_checked_at_start():
+def test_rabbitmq_consumer_timeout_is_checked_at_start(monkeypatch):
     from kombu import Queue
 
     from k8s_celery.pool import broker_warnings
 
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)  # it would win over the argument
     app = Celery("rabbit", broker="amqp://guest@localhost//")
     app.conf.task_queues = [Queue("kubernetes", queue_arguments={"x-consumer-timeout": 7200000}),
                             Queue("plain")]

@@ -1,0 +1,38 @@
+"""The worker's Prometheus endpoint, scraped during an end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+import urllib3
+from prometheus_client.parser import text_string_to_metric_families
+
+from k8s_celery.testing import wait_until
+from k8s_celery.testing.cluster import free_port
+
+pytestmark = pytest.mark.cluster
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib3.PoolManager().request("GET", f"http://127.0.0.1:{port}/metrics", timeout=10).data.decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_the_run(start_shim, taskapp):
+    port = free_port()
+    start_shim(env={"K8S_CELERY_METRICS_PORT": str(port)})
+    assert [taskapp.add.delay(i, i).get(timeout=60) for i in range(3)] == [0, 2, 4]
+    with pytest.raises(ValueError):
+        taskapp.fail.delay("metrics").get(timeout=60)
+    # The results come from the pods; the worker's acks (and counts) follow within moments.
+    samples = wait_until(lambda: (lambda s: s if s.get(("k8s_celery_ack_seconds_count", ())) == 4 else None)(
+        scrape(port)), timeout=30, message="four acks counted")
+    add = (("queue", "kubernetes"), ("task", "taskapp.add"))
+    assert samples[("k8s_celery_jobs_launched_total", add)] == 3
+    assert samples[("k8s_celery_task_outcomes_total", tuple(sorted(add + (("outcome", "succeeded"),))))] == 3
+    fail = (("outcome", "failed"), ("queue", "kubernetes"), ("task", "taskapp.fail"))
+    assert samples[("k8s_celery_task_outcomes_total", fail)] == 1
+    assert samples[("k8s_celery_launch_seconds_count", ())] == 4
+    assert samples[("k8s_celery_ack_seconds_count", ())] == 4
+    assert 0 < samples[("k8s_celery_ack_seconds_sum", ())] < 4 * 5
+    assert samples[("k8s_celery_jobs_in_flight", ())] == 0
