@@ -277,3 +277,15 @@ def _process_group(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_simulated_pods_run_no_process_and_end_on_command():
+    with LocalCluster(kubelet_options={"simulate": True}) as cluster:
+        cluster.api.create(collection_path("jobs", "default"), job("simulated", "exit 3"))
+        pod = running_pod(cluster.api, "default", "simulated")
+        assert cluster.kubelet.processes() == []
+        cluster.kubelet.finish("default", pod["metadata"]["name"], exit_code=0, message="done")
+        condition = wait_until(lambda: job_condition(cluster.api, "default", "simulated"), message="job end")
+        assert condition["type"] == "Complete"
+        [pod] = pods_of(cluster.api, "default", "simulated")
+        assert terminated(pod)["message"] == "done"
