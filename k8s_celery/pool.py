@@ -84,6 +84,7 @@ class InFlight:
         self.lost_before = 0
         self.terminate_signal: int | None = None
         self.ended_at: float | None = None
+        self.settling = False
 
     @property
     def task_id(self) -> str:
@@ -535,7 +536,7 @@ class KubernetesPool(BasePool):
         for pod in pods:
             self._on_pod_event("MODIFIED", pod)
 
-    def _evaluate(self, entry: InFlight) -> None:
+    def _evaluate(self, entry: InFlight, settled: bool = False) -> None:
         """Called with the lock held whenever the Job or pod of ``entry`` changed."""
         if entry.finished:
             return
@@ -543,8 +544,28 @@ class KubernetesPool(BasePool):
         if phase == "Running" and not entry.accepted:
             self._accept(entry)
         result = outcomes.classify(entry.job, entry.pod, entry.job_deleted)
-        if result is not None:
-            self._finish(entry, result)
+        if result is None:
+            return
+        if result.state == outcomes.LOST and not settled:
+            # The Job watch can report the end before the pod watch delivers the pod's
+            # last status: read the pod itself before calling the attempt lost.
+            if not entry.settling:
+                entry.settling = True
+                self._submit(self._settle, entry)
+            return
+        self._finish(entry, result)
+
+    def _settle(self, entry: InFlight) -> None:
+        try:
+            pod = self._latest_pod(entry.job_name)
+        except ApiError as exc:
+            log.warning("cannot read the pod of Job %s: %s", entry.job_name, exc)
+            pod = None
+        with self._lock:
+            if pod is not None:
+                entry.pod = pod
+            entry.settling = False
+            self._evaluate(entry, settled=True)
 
     def _accept(self, entry: InFlight) -> None:
         entry.accepted = True
