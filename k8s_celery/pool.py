@@ -280,10 +280,9 @@ class KubernetesPool(BasePool):
                 self._finish(entry, outcomes.Outcome(TERMINATED), slot=False)
                 return
         log.info("terminating %s[%s]: deleting Job %s", entry.spec.name, entry.task_id, entry.job_name)
-        self._submit(self._delete_job, entry.job_name)
         with self._lock:
-            if entry.launched_at is not None:
-                self._finish(entry, outcomes.Outcome(TERMINATED))
+            if entry.launched_at is not None:  # else _launch finishes it once the Job exists
+                self._finish(entry, outcomes.Outcome(TERMINATED))  # its clean-up deletes the Job
 
     def grow(self, n: int = 1) -> None:
         with self._lock:
@@ -347,8 +346,7 @@ class KubernetesPool(BasePool):
             if not self._adopt(entry, existing):
                 self._create(entry, template)
             if entry.terminate_signal is not None and not entry.finished:
-                self._delete_job(entry.job_name)
-                self._finish_locked(entry, outcomes.Outcome(TERMINATED))
+                self._finish_locked(entry, outcomes.Outcome(TERMINATED))  # clean-up deletes the Job
         except (ConfigError, TaskLaunchError) as exc:
             self._fail_launch(entry, exc)
         except ApiError as exc:

@@ -17,7 +17,6 @@ import atexit
 import base64
 import json
 import logging
-import os
 import secrets
 import shutil
 import signal

@@ -298,7 +298,7 @@ class PodRuntime:
                     break
             elif deadline and time.monotonic() - started > deadline:
                 self.fault = PodFault("deadline", "DeadlineExceeded",
-                                      f"Pod was active on the node longer than the specified deadline")
+                                      "Pod was active on the node longer than the specified deadline")
                 self.kill(signal.SIGKILL)
             else:
                 restarted = self._restart_exited(containers, codes, policy, mounts)
@@ -749,8 +749,7 @@ class ProcessKubelet:
                 if runtime:
                     runtime.on_deleted()
                     if runtime.finished.is_set():
-                        self._runtimes.pop(uid, None)
-                        shutil.rmtree(runtime.dir, ignore_errors=True)
+                        self._discard(runtime)
                 self._schedule_now.set()
                 return
             self._pods[uid] = pod
@@ -783,9 +782,13 @@ class ProcessKubelet:
     def _forget(self, runtime: PodRuntime) -> None:
         with self._lock:
             if runtime.deleted.is_set() or self._stop.is_set():
-                self._runtimes.pop(runtime.uid, None)
-                shutil.rmtree(runtime.dir, ignore_errors=True)
+                self._discard(runtime)
         self._schedule_now.set()
+
+    def _discard(self, runtime: PodRuntime) -> None:
+        """Forget a pod that ended and was deleted; remove its files."""
+        self._runtimes.pop(runtime.uid, None)
+        shutil.rmtree(runtime.dir, ignore_errors=True)
 
     def _runtime(self, namespace: str, name: str) -> PodRuntime:
         with self._lock:
