@@ -312,7 +312,7 @@ def _error_from_response(status: int, reason: str | None, data: bytes | None) ->
 
 def collection_path(kind: str, namespace: str | None = None) -> str:
     """REST path of a collection: ``collection_path('jobs', 'ns')``."""
-    group = {"jobs": "/apis/batch/v1", "leases": "/apis/coordination.k8s.io/v1",
+    group = {"jobs": "/apis/batch/v1", "deployments": "/apis/apps/v1", "leases": "/apis/coordination.k8s.io/v1",
              "roles": "/apis/rbac.authorization.k8s.io/v1",
              "rolebindings": "/apis/rbac.authorization.k8s.io/v1",
              "selfsubjectaccessreviews": "/apis/authorization.k8s.io/v1",

@@ -3,7 +3,8 @@
 Every setting is a Celery configuration key (``k8s_celery_*``) and an environment
 variable (``K8S_CELERY_*``); the environment wins, so that a deployment can override
 what the app ships. Manifests live at ``<manifests dir>/<queue>/manifest.json`` (or
-``.yaml``/``.yml``); ``K8S_CELERY_JOB_MANIFEST`` (a path, or the manifest itself) is
+``.yaml``/``.yml``), or at ``<manifests dir>/<queue>.yaml`` (the shape of a mounted
+ConfigMap with one key per queue); ``K8S_CELERY_JOB_MANIFEST`` (a path, or the manifest itself) is
 the fallback for every queue without its own file. Manifests are read each time a
 Job is launched, so edits apply to the next task.
 """
@@ -22,6 +23,7 @@ import yaml
 from .errors import ConfigError, ManifestError
 
 MANIFEST_NAMES = ("manifest.json", "manifest.yaml", "manifest.yml")
+MANIFEST_SUFFIXES = (".json", ".yaml", ".yml")
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 DEFAULT_KUBERNETES_VERSION = "1.33"
 
@@ -81,6 +83,7 @@ class Settings:
     api_qps: float = 50.0
     api_burst: int = 100
     metrics_port: int | None = None
+    liveness_timeout: float = 60.0
     launch_threads: int = 4
 
     @classmethod
@@ -92,7 +95,7 @@ class Settings:
             "drain_timeout": _seconds, "runner_command": _command, "kubernetes_version": str,
             "watch_resync": _seconds, "launch_threads": _count, "sweep_interval": _seconds,
             "sweep_grace": _seconds, "api_qps": _seconds, "api_burst": _count,
-            "metrics_port": _port,
+            "metrics_port": _port, "liveness_timeout": _seconds,
         }
 
     @classmethod
@@ -138,11 +141,10 @@ class ManifestStore:
         self.settings = settings
 
     def path_for(self, queue: str) -> Path | None:
-        directory = Path(self.settings.manifests_dir) / queue
-        for name in MANIFEST_NAMES:
-            if (directory / name).is_file():
-                return directory / name
-        return None
+        root = Path(self.settings.manifests_dir)
+        candidates = [root / queue / name for name in MANIFEST_NAMES]
+        candidates += [root / f"{queue}{suffix}" for suffix in MANIFEST_SUFFIXES]
+        return next((path for path in candidates if path.is_file()), None)
 
     def has_manifest(self, queue: str) -> bool:
         return self.path_for(queue) is not None or bool(self.settings.job_manifest)
@@ -162,7 +164,7 @@ class ManifestStore:
             raise ManifestError(
                 f"no manifest for queue {queue!r}: expected one of "
                 f"{', '.join(MANIFEST_NAMES)} in {Path(self.settings.manifests_dir) / queue}, "
-                "or K8S_CELERY_JOB_MANIFEST", source=str(Path(self.settings.manifests_dir) / queue))
+                f"{queue}.yaml in {self.settings.manifests_dir}, or K8S_CELERY_JOB_MANIFEST", source=str(Path(self.settings.manifests_dir) / queue))
         source = "K8S_CELERY_JOB_MANIFEST"
         if not fallback.lstrip().startswith(("{", "apiVersion", "kind", "---")) and Path(fallback).is_file():
             source, fallback = fallback, Path(fallback).read_text()

@@ -1,8 +1,18 @@
-"""Prometheus metrics of the worker (``K8S_CELERY_METRICS_PORT`` serves them)."""
+"""Prometheus metrics of the worker and its probe endpoints, on one HTTP port.
+
+``K8S_CELERY_METRICS_PORT`` serves ``/metrics`` (Prometheus text format),
+``/healthz`` and ``/readyz`` (see :mod:`k8s_celery.health`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+from .health import Liveness, probe_app
 
 JOBS_LAUNCHED = Counter("k8s_celery_jobs_launched", "Jobs created for tasks", ["queue", "task"])
 TASK_OUTCOMES = Counter("k8s_celery_task_outcomes", "Task attempts by outcome "
@@ -16,6 +26,27 @@ ACK_SECONDS = Histogram("k8s_celery_ack_seconds", "From the pod's end seen by th
 API_ERRORS = Counter("k8s_celery_kubernetes_api_errors", "Error answers of the Kubernetes API", ["status"])
 
 
-def serve(port: int, address: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` on ``port`` from a background thread."""
-    start_http_server(port, addr=address)
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # probes every few seconds would flood the log
+        pass
+
+
+def endpoint_app(liveness: Liveness):
+    """``/healthz`` and ``/readyz`` from ``liveness``; every other path is ``/metrics``."""
+    metrics, probes = make_wsgi_app(), probe_app(liveness)
+
+    def app(environ, start_response):
+        handler = probes if environ.get("PATH_INFO") in probes.paths else metrics
+        return handler(environ, start_response)
+    return app
+
+
+def serve(port: int, liveness: Liveness, address: str = "0.0.0.0") -> WSGIServer:
+    """Serve metrics and probes on ``port`` from a background thread."""
+    server = make_server(address, port, endpoint_app(liveness), _Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="k8s-celery metrics", daemon=True).start()
+    return server

@@ -27,7 +27,7 @@ from billiard.exceptions import WorkerLostError
 from celery.concurrency.base import BasePool
 from celery.exceptions import Ignore, Reject, Retry, Terminated
 
-from . import metrics
+from . import health, metrics
 from . import outcome as outcomes
 from .cluster import ApiError, KubeApi, RateLimiter, Watcher, collection_path, load_configuration, object_path
 from .config import ManifestStore, Settings
@@ -134,6 +134,8 @@ class KubernetesPool(BasePool):
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._hub = None
+        self.liveness = health.Liveness(self.settings.liveness_timeout)
+        self._liveness_timer = None
         self._executor: ThreadPoolExecutor | None = None
         self._watchers: list[Watcher] = []
         self._stopping = threading.Event()
@@ -161,7 +163,7 @@ class KubernetesPool(BasePool):
                            rate_limiter=RateLimiter(self.settings.api_qps, self.settings.api_burst),
                            on_error=lambda error: metrics.API_ERRORS.labels(str(error.status)).inc())
         if self.settings.metrics_port:
-            metrics.serve(self.settings.metrics_port)
+            metrics.serve(self.settings.metrics_port, self.liveness)
         self._executor = ThreadPoolExecutor(self.settings.launch_threads, thread_name_prefix="k8s-launch")
         self._watchers = [
             Watcher(self.api, collection_path("jobs", self.namespace), self._on_job_event,
@@ -218,8 +220,14 @@ class KubernetesPool(BasePool):
         self._drain_ready()
 
     def register_with_event_loop(self, loop) -> None:
+        """Called each time the consumer (re)starts its loop: listen for finished tasks
+        and tick the liveness clock from the loop itself."""
         self._hub = loop
         loop.add_reader(self._wake_read, self._drain_ready)
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+        self.liveness.tick()
+        self._liveness_timer = loop.call_repeatedly(self.liveness.tick_interval, self.liveness.tick)
 
     def consumed_queues(self) -> list[str]:
         try:

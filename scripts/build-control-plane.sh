@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build (once) the pinned etcd, kube-apiserver, kube-controller-manager and kubectl
+# Build (once) the pinned etcd, kube-apiserver, kube-controller-manager, kubectl and helm
 # from their Go modules; prints the directory holding them. See
 # k8s_celery/testing/binaries.py for the versions and the cache location.
 set -euo pipefail

@@ -47,6 +47,15 @@ def test_per_queue_manifest_in_json_or_yaml(tmp_path):
     assert store(tmp_path).load("b")["spec"]["template"]["spec"]["containers"][0]["image"] == "i"
 
 
+def test_flat_file_per_queue_as_a_mounted_configmap_has_them(tmp_path):
+    (tmp_path / "celery.yaml").write_text(json.dumps(JOB))
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "manifest.json").write_text(json.dumps(JOB))
+    (tmp_path / "nested.yaml").write_text("not: [a job")
+    assert store(tmp_path).load("celery") == JOB
+    assert store(tmp_path).path_for("nested") == tmp_path / "nested" / "manifest.json"
+
+
 def test_edits_apply_to_the_next_load(tmp_path):
     (tmp_path / "q").mkdir()
     path = tmp_path / "q" / "manifest.json"

@@ -36,3 +36,25 @@ def test_metrics_count_the_run(start_shim, taskapp):
     assert samples[("k8s_celery_ack_seconds_count", ())] == 4
     assert 0 < samples[("k8s_celery_ack_seconds_sum", ())] < 4 * 5
     assert samples[("k8s_celery_jobs_in_flight", ())] == 0
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    answer = urllib3.PoolManager().request("GET", f"http://127.0.0.1:{port}{path}", timeout=5, retries=False)
+    return answer.status, answer.data.decode()
+
+
+def test_liveness_fails_when_the_consumer_is_stuck(start_shim, taskapp):
+    port = free_port()
+    shim = start_shim(env={"K8S_CELERY_METRICS_PORT": str(port), "K8S_CELERY_LIVENESS_TIMEOUT": "2"})
+    assert probe(port, "/healthz")[0] == 200 and probe(port, "/readyz")[0] == 200
+    # A remote-control command runs on the worker's event loop: this one holds it, as a
+    # consumer blocked on a call that never returns. The process and its HTTP thread live on.
+    taskapp.app.control.broadcast("block_event_loop", arguments={"seconds": 8},
+                                  destination=[shim.hostname])
+    status, body = wait_until(lambda: (lambda a: a if a[0] == 503 else None)(probe(port, "/healthz")),
+                              timeout=10, interval=0.2, message="liveness to fail")
+    assert "event loop silent" in body
+    assert probe(port, "/readyz")[0] == 503
+    # Once the loop turns again the worker is alive and consumes as before.
+    wait_until(lambda: probe(port, "/healthz")[0] == 200, timeout=20, interval=0.2, message="liveness back")
+    assert taskapp.add.delay(2, 3).get(timeout=60) == 5

@@ -1,4 +1,4 @@
-"""Build etcd, kube-apiserver, kube-controller-manager and kubectl from Go modules.
+"""Build etcd, kube-apiserver, kube-controller-manager, kubectl and helm from Go modules.
 
 Nothing here downloads a prebuilt binary: the pinned releases are compiled from the
 Go module proxy with the machine's Go toolchain into a cache outside the source tree
@@ -6,6 +6,7 @@ Go module proxy with the machine's Go toolchain into a cache outside the source 
 ``K8S_CELERY_BIN_DIR`` at a directory of existing binaries to skip it.
 
 ``python -m k8s_celery.testing.binaries`` builds (when needed) and prints the directory.
+helm (for the chart's tests) has its own cache directory and ``K8S_CELERY_HELM``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ KUBERNETES_VERSION = "v1.33.13"
 #: The etcd server release that the pinned Kubernetes release itself depends on.
 ETCD_VERSION = "v3.5.21"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+HELM_VERSION = "v3.22.0"
+#: The Kubernetes minor of the client-go that helm release builds with (its Makefile's default).
+HELM_KUBERNETES_MINOR = "37"
 
 ETCD_MAIN = """\
 // Command etcd is the upstream etcd server, built from its Go module.
@@ -138,8 +142,41 @@ def build_binaries(target: Path) -> Path:
     return target
 
 
+def helm_binary(build: bool = False) -> Path:
+    """The helm binary (``$K8S_CELERY_HELM``, else the cached build), building it if asked to."""
+    configured = os.environ.get("K8S_CELERY_HELM")
+    helm = Path(configured) if configured else cache_root() / f"helm-{HELM_VERSION}" / "helm"
+    if os.access(helm, os.X_OK):
+        return helm
+    if configured or not build:
+        raise BinariesMissing(f"helm not found at {helm}; run `python -m k8s_celery.testing.binaries`")
+    started = time.monotonic()
+    partial = helm.parent.with_name(helm.parent.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    env = dict(os.environ, GOBIN=str(partial), CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-mod=mod")
+    ldflags = " ".join(["-s -w", f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"] + [
+        f"-X helm.sh/helm/v3/pkg/{package}.k8sVersion{part}={value}"
+        for package in ("chartutil", "lint/rules")
+        for part, value in (("Major", "1"), ("Minor", HELM_KUBERNETES_MINOR))])
+    subprocess.run([_go(), "install", "-trimpath", "-ldflags", ldflags,
+                    f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"], env=env, check=True)
+    shutil.rmtree(helm.parent, ignore_errors=True)
+    partial.rename(helm.parent)
+    print(f"built helm {HELM_VERSION} in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return helm
+
+
+def go_module_dir(module: str, version: str) -> Path:
+    """The source tree of a Go module version, fetched from the module proxy (read-only)."""
+    env = dict(os.environ, GOFLAGS="-mod=mod", GOTOOLCHAIN="local")
+    download = subprocess.run([_go(), "mod", "download", "-json", f"{module}@{version}"],
+                              cwd=tempfile.gettempdir(), env=env, check=True, capture_output=True, text=True)
+    return Path(json.loads(download.stdout)["Dir"])
+
+
 def main() -> int:
     try:
+        helm_binary(build=True)
         print(binary_dir(build=True))
     except (BinariesMissing, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,6 +38,7 @@ CONTROLLERS = (
     "job-controller", "ttl-after-finished-controller", "garbage-collector-controller",
     "pod-garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
     "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
+    "deployment-controller", "replicaset-controller",
 )
 
 

@@ -118,6 +118,7 @@ class PodRuntime:
         self.fault: PodFault | None = None
         self.runs: dict[str, ContainerRun] = {}
         self.restarts: dict[str, int] = {}
+        self.restart_due: dict[str, float] = {}  # container -> when its back-off ends
         self.last_state: dict[str, dict] = {}
         self.deleted = threading.Event()
         self.wake = threading.Event()
@@ -178,6 +179,10 @@ class PodRuntime:
                           if self.kubelet.is_unpullable(c.get("image", ""))), None)
         if bad_image:
             self._image_pull_failure(bad_image)
+            return
+        config_error = next(filter(None, (security_error(spec, c) for c in self._all_containers())), None)
+        if config_error:
+            self._config_failure(config_error)
             return
         while True:
             if not self._wait_for_references():
@@ -257,6 +262,12 @@ class PodRuntime:
             self.wake.wait(2.0)
             self.wake.clear()
 
+    def _config_failure(self, message: str) -> None:
+        while not self.terminating:
+            self._report(self._waiting_statuses("CreateContainerConfigError", message))
+            self.wake.wait(2.0)
+            self.wake.clear()
+
     def _run_init_container(self, container: dict, mounts: dict[str, Path]) -> bool:
         while True:
             run = self._start(container, mounts)
@@ -301,25 +312,30 @@ class PodRuntime:
                                       "Pod was active on the node longer than the specified deadline")
                 self.kill(signal.SIGKILL)
             else:
-                restarted = self._restart_exited(containers, codes, policy, mounts)
-                if not restarted and all(code is not None for code in codes.values()):
+                restarting = self._restart_exited(containers, codes, policy, mounts)
+                if not restarting and all(code is not None for code in codes.values()):
                     break
             self.wake.wait(0.05)
             self.wake.clear()
         self._finish()
 
     def _restart_exited(self, containers, codes, policy, mounts) -> bool:
-        restarted = False
+        """Restart exited containers the policy restarts, after their crash-loop back-off;
+        True while any container is restarted or waiting to be."""
+        pending = False
         for container in containers:
-            code = codes[container["name"]]
-            if code is None:
+            name, code = container["name"], codes[container["name"]]
+            if code is None or not (policy == "Always" or (policy == "OnFailure" and code != 0)):
                 continue
-            if policy == "Always" or (policy == "OnFailure" and code != 0):
-                self._record_restart(container["name"], self.runs[container["name"]])
-                self._start(container, mounts)
-                self._report(self._statuses())
-                restarted = True
-        return restarted
+            pending = True
+            due = self.restart_due.setdefault(name, time.monotonic() + crash_backoff(self.restarts.get(name, 0)))
+            if time.monotonic() < due:
+                continue
+            del self.restart_due[name]
+            self._record_restart(name, self.runs[name])
+            self._start(container, mounts)
+            self._report(self._statuses())
+        return pending
 
     def _record_restart(self, name: str, run: ContainerRun) -> None:
         self.restarts[name] = self.restarts.get(name, 0) + 1
@@ -359,13 +375,16 @@ class PodRuntime:
         cdir.mkdir(parents=True, exist_ok=True)
         message_path = cdir / "termination-log"
         message_path.write_bytes(b"")
+        message_path.chmod(0o666)  # as a real kubelet: the container may run as any user
+        security = security_context(self.pod["spec"], container)
         env = self.kubelet.container_env(self.pod, container)
         command = [expand(part, env) for part in
                    (container.get("command") or []) + (container.get("args") or [])]
         spec = {
             "command": command or ["/bin/true"],
             "env": env,
-            "workingDir": container.get("workingDir") or str(cdir),
+            "workingDir": container.get("workingDir") or (str(cdir) if not security["uid"] else "/"),
+            "security": security,
             "hostname": self.pod["spec"].get("hostname") or self.name,
             "mounts": [{"source": str(mounts[m["name"]] / m["subPath"]) if m.get("subPath")
                         else str(mounts[m["name"]]),
@@ -400,11 +419,15 @@ class PodRuntime:
                 continue
             target.mkdir(parents=True, exist_ok=True)
             files = self.kubelet.volume_files(self.pod, volume)
+            owner = volume_owner(self.pod["spec"])
             for relative, (data, mode) in files.items():
                 path = target / relative
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
                 path.chmod(mode)
+                os.chown(path, *owner)
+            if "emptyDir" in volume:
+                target.chmod(0o777)
             mounts[volume["name"]] = target
         return mounts
 
@@ -904,6 +927,47 @@ class ProcessKubelet:
             except ApiError as exc:
                 log.warning("node lease renewal failed: %s", exc)
             self._stop.wait(10)
+
+
+def crash_backoff(restarts: int) -> float:
+    """Seconds before the next restart of a container restarted ``restarts`` times: the
+    kubelet's 10 s doubling to 5 min (here the first restart is immediate)."""
+    return 0.0 if restarts == 0 else min(10.0 * 2 ** (restarts - 1), 300.0)
+
+
+def security_context(pod_spec: dict, container: dict) -> dict:
+    """What the container runs as: the pod's securityContext overlaid by the container's.
+
+    The "image" here runs as root unless told otherwise, so ``uid`` defaults to 0.
+    """
+    pod_level = pod_spec.get("securityContext") or {}
+    own = container.get("securityContext") or {}
+
+    def pick(key: str, default=None):
+        return own.get(key, pod_level.get(key, default))
+    groups = [g for g in [pod_level.get("fsGroup"), *(pod_level.get("supplementalGroups") or [])]
+              if g is not None]
+    return {"uid": pick("runAsUser", 0), "gid": pick("runAsGroup", 0), "groups": groups,
+            "runAsNonRoot": bool(pick("runAsNonRoot", False)),
+            "readOnlyRootFilesystem": bool(own.get("readOnlyRootFilesystem", False)),
+            "noNewPrivileges": own.get("allowPrivilegeEscalation") is False}
+
+
+def security_error(pod_spec: dict, container: dict) -> str | None:
+    """The kubelet's refusal to start a container, as CreateContainerConfigError says it."""
+    security = security_context(pod_spec, container)
+    if security["runAsNonRoot"] and security["uid"] == 0:
+        if "runAsUser" in (container.get("securityContext") or {}) or \
+                "runAsUser" in (pod_spec.get("securityContext") or {}):
+            return "container's runAsUser breaks non-root policy"
+        return "container has runAsNonRoot and image will run as root"
+    return None
+
+
+def volume_owner(pod_spec: dict) -> tuple[int, int]:
+    """Who owns volume files: the pod's runAsUser, group fsGroup (-1: leave as is)."""
+    pod_level = pod_spec.get("securityContext") or {}
+    return pod_level.get("runAsUser", -1), pod_level.get("fsGroup", -1)
 
 
 def _project(data: dict[str, bytes], items: list[dict] | None, mode: int) -> dict[str, tuple[bytes, int]]:

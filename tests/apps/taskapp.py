@@ -8,6 +8,7 @@ import time
 import redis
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.worker.control import control_command
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 
@@ -107,3 +108,33 @@ def resources():
 @app.task(name="taskapp.local_add")
 def local_add(x, y):
     return x + y
+
+
+@control_command(args=[("seconds", float)], signature="<seconds>")
+def block_event_loop(state, seconds: float = 30.0):
+    """Hold the worker's event loop, as a consumer stuck on a call that never returns."""
+    time.sleep(seconds)
+    return {"ok": f"blocked {seconds}s"}
+
+
+@app.task(name="taskapp.api_access")
+def api_access() -> dict:
+    """What this pod's own service-account token may do: the API's answer per request."""
+    from k8s_celery.cluster import ApiError, KubeApi, collection_path, load_configuration
+    from k8s_celery.config import SERVICE_ACCOUNT_NAMESPACE
+
+    api = KubeApi(load_configuration(in_cluster=True))
+    namespace = open(SERVICE_ACCOUNT_NAMESPACE).read().strip()
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "escalate"},
+           "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                          "containers": [{"name": "x", "image": "x"}]}}}}
+    attempts = {"list pods": lambda: api.list(collection_path("pods", namespace)),
+                "create jobs": lambda: api.create(collection_path("jobs", namespace), job)}
+    answers = {}
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+            answers[what] = 200
+        except ApiError as exc:
+            answers[what] = exc.status
+    return answers

@@ -59,6 +59,41 @@ def test_job_completes_with_termination_message(k8s_cluster, k8s_namespace):
     assert state["message"].strip() == "done"
 
 
+def test_security_context_user_groups_and_read_only_root(k8s_cluster, k8s_namespace):
+    api = k8s_cluster.api
+    api.create(collection_path("secrets", k8s_namespace), {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "private"},
+        "data": {"key": base64.b64encode(b"k").decode()}})
+    script = ('echo "$(id -u):$(id -g):$(id -G | tr " " ,):$(cat /etc/private/key)" > /dev/termination-log; '
+              'touch /etc/k8s-celery-written 2>/dev/null && echo root-writable >> /dev/termination-log; '
+              'touch /scratch/ok && echo scratch-writable >> /dev/termination-log')
+    api.create(collection_path("jobs", k8s_namespace), job("restricted", script, pod={
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+        "volumes": [{"name": "private", "secret": {"secretName": "private", "defaultMode": 0o440}},
+                    {"name": "scratch", "emptyDir": {}}],
+        "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script],
+                        "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
+                        "volumeMounts": [{"name": "private", "mountPath": "/etc/private", "readOnly": True},
+                                         {"name": "scratch", "mountPath": "/scratch"}]}]}))
+    wait_until(lambda: job_condition(api, k8s_namespace, "restricted"), message="job end")
+    [pod] = pods_of(api, k8s_namespace, "restricted")
+    # The group-readable (0440) Secret is readable through fsGroup; the root filesystem is not writable.
+    assert terminated(pod)["message"].split() == ["1000:1000:1000,2000:k", "scratch-writable"]
+    assert not os.path.exists("/etc/k8s-celery-written")
+
+
+def test_run_as_non_root_refuses_a_root_container(k8s_cluster, k8s_namespace):
+    api = k8s_cluster.api
+    api.create(collection_path("jobs", k8s_namespace), job(
+        "rootful", "true", pod={"securityContext": {"runAsNonRoot": True}}))
+    waiting = wait_until(lambda: next((
+        c["state"].get("waiting") for p in pods_of(api, k8s_namespace, "rootful")
+        for c in p["status"].get("containerStatuses") or []
+        if (c["state"].get("waiting") or {}).get("reason") == "CreateContainerConfigError"), None),
+        message="CreateContainerConfigError")
+    assert waiting["message"] == "container has runAsNonRoot and image will run as root"
+
+
 def test_secret_env_and_volume(k8s_cluster, k8s_namespace):
     api = k8s_cluster.api
     api.create(collection_path("secrets", k8s_namespace), {
