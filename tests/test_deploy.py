@@ -7,8 +7,9 @@ project's Go module.
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,54 @@ def test_installed_chart_runs_tasks_with_least_privilege(k8s_cluster, k8s_namesp
         raise
     finally:
         api.delete(object_path("deployments", k8s_namespace, "tasks-k8s-celery"))
+
+
+# -- the image -------------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    joined = " ".join(line for line in lines if line and not line.startswith("#")).replace("\\ ", "")
+    parts = [part.strip() for part in
+             re.split(r"\s(?=(?:FROM|COPY|RUN|ENV|USER|WORKDIR|ARG|ENTRYPOINT|CMD)\s)", joined)]
+    return [tuple(part.split(None, 1)) for part in parts]
+
+
+def test_image_wheel_builds_from_the_dockerfile_context_and_runs(tmp_path):
+    """The Dockerfile's first stage builds a wheel from the files it copies; that wheel
+    alone provides the package and the `k8s-celery` command."""
+    context = tmp_path / "context"
+    for instruction, argument in dockerfile_instructions():
+        if instruction == "COPY" and not argument.startswith("--from"):
+            *sources, _ = argument.split()
+            for source in sources:
+                target = context / source
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(ROOT / source, target)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path / "wheels"),
+                    str(context)], check=True, timeout=300, capture_output=True)
+    [wheel] = (tmp_path / "wheels").glob("k8s_celery-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    probe = subprocess.run([sys.executable, "-c", "import k8s_celery, k8s_celery.pool, k8s_celery.runner; "
+                            "print(k8s_celery.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.startswith(str(tmp_path / "site"))
+    command = subprocess.run([str(tmp_path / "site" / "bin" / "k8s-celery"), "--help"], cwd=tmp_path,
+                             env={**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                             capture_output=True, text=True)
+    assert command.returncode == 0 and "run-task" in command.stdout
+
+
+def test_image_runs_as_the_chart_user_with_the_k8s_celery_entrypoint():
+    instructions = dockerfile_instructions()
+    users = [argument for instruction, argument in instructions if instruction == "USER"]
+    chart_user = yaml.safe_load((CHART / "values.yaml").read_text())["worker"]["podSecurityContext"]["runAsUser"]
+    assert users[-1] == str(chart_user)
+    assert ("ENTRYPOINT", '["k8s-celery"]') in instructions
