@@ -98,6 +98,13 @@ def test_chart_renders_schema_valid_objects():
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
 
 
+def test_chart_passes_helm_lint_strict():
+    done = subprocess.run([str(helm_binary()), "lint", "--strict", str(CHART), "--kube-version", KUBERNETES_VERSION,
+                           "--set", "image.repository=registry.local/taskapp", "--set", "celery.app=taskapp"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "0 chart(s) failed" in done.stdout, done.stdout + done.stderr
+
+
 def test_kustomize_base_renders_schema_valid_objects(k8s_cluster):
     objects = kustomize(k8s_cluster.bin_dir / "kubectl")
     assert sorted(obj["kind"] for obj in objects) == ["ConfigMap", "Deployment", "Role", "RoleBinding",

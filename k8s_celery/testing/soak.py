@@ -7,7 +7,13 @@ or the duration is over, injects faults at random: evict and crash task pods,
 SIGKILL and restart a worker, restart the API server, compact etcd, restart Redis.
 It then waits for the workers to settle and prints the measured counts::
 
-    tasks=200 completed=200 lost=0 duplicate_runs=0 leftover_jobs=0 leftover_secrets=0
+    tasks=200 completed=200 lost=0 never_received=0 duplicate_runs=0 leftover_jobs=0 leftover_secrets=0
+
+``lost`` counts tasks a worker received and that never completed: the shim's failures.
+``never_received`` counts tasks no worker ever logged: kombu's Redis transport pops a
+message (BRPOP) before it records it as unacknowledged, so a worker killed, or Redis
+restarted, between the two loses that message before any worker sees it — as with
+every Celery worker on Redis (celery/celery#7950, kombu#1836).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +49,7 @@ class SoakReport:
     tasks: int
     completed: int
     lost: int
+    never_received: int
     duplicate_runs: int
     leftover_jobs: int
     leftover_secrets: int
@@ -51,6 +59,7 @@ class SoakReport:
 
     def line(self) -> str:
         return (f"tasks={self.tasks} completed={self.completed} lost={self.lost} "
+                f"never_received={self.never_received} "
                 f"duplicate_runs={self.duplicate_runs} leftover_jobs={self.leftover_jobs} "
                 f"leftover_secrets={self.leftover_secrets}")
 
@@ -144,7 +153,13 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                 log(f"task {result.id} ran to its end in {len(names)} pods: {names}")
         jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
         secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE), label_selector=MANAGED_SELECTOR)
-        report = SoakReport(tasks=tasks, completed=completed, lost=sum(1 for n in runs if n == 0),
+        received = received_task_ids(work_dir)
+        never_received = [r.id for r, n in zip(results, runs) if n == 0 and r.id not in received]
+        for task_id in never_received:
+            log(f"task {task_id} never reached a worker: the broker lost it before delivery")
+        report = SoakReport(tasks=tasks, completed=completed,
+                            lost=sum(1 for r, n in zip(results, runs) if n == 0 and r.id in received),
+                            never_received=len(never_received),
                             duplicate_runs=sum(max(0, n - 1) for n in runs),
                             leftover_jobs=len(jobs), leftover_secrets=len(secrets), faults=dict(faults),
                             duplicated=[r.id for r, n in zip(results, runs) if n > 1], work_dir=str(work_dir))
@@ -152,6 +167,13 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
             worker.kill(signal.SIGTERM)
         app.close()
         return report
+
+
+def received_task_ids(log_dir: Path) -> set[str]:
+    """Ids of the tasks some worker logged as received."""
+    pattern = re.compile(r"Task soak\.work\[([^\]]+)\] received")
+    return {match.group(1) for path in log_dir.glob("*.log")
+            for match in pattern.finditer(path.read_text(errors="replace"))}
 
 
 @dataclass

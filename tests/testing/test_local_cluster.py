@@ -204,10 +204,12 @@ def test_faults_fail_the_pod_and_count_in_the_job(k8s_cluster, k8s_namespace, fa
 def test_eviction_api_terminates_the_pod_gracefully(k8s_cluster, k8s_namespace):
     api = k8s_cluster.api
     api.create(collection_path("jobs", k8s_namespace), job(
-        "graceful", "trap 'echo got-term > /dev/termination-log; exit 143' TERM; "
+        "graceful", "trap 'echo got-term > /dev/termination-log; exit 143' TERM; echo trap-set; "
                     "while true; do sleep 0.1; done"))
     pod = running_pod(api, k8s_namespace, "graceful")
     name = pod["metadata"]["name"]
+    # "Running" comes as the process starts: evict only once the shell has its trap.
+    wait_until(lambda: "trap-set" in k8s_cluster.kubelet.pod_log(k8s_namespace, name), message="trap set")
     seen: list[dict] = []
     stop = threading.Event()
 
