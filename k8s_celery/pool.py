@@ -76,8 +76,8 @@ class InFlight:
         self.received = time.monotonic()
         self.launched_at: float | None = None
         self.job_created_at: float | None = None
-        self.job: dict | None = None
-        self.pod: dict | None = None
+        self._job: dict | None = None
+        self._pod: dict | None = None
         self.job_deleted = False
         self.accepted = False
         self.finished = False
@@ -85,6 +85,24 @@ class InFlight:
         self.terminate_signal: int | None = None
         self.ended_at: float | None = None
         self.settling = False
+
+    # Only what the pool reads of the Job and pod is kept: a worker holds them for every
+    # task in flight, and their spec, labels and managedFields are most of their size.
+    @property
+    def job(self) -> dict | None:
+        return self._job
+
+    @job.setter
+    def job(self, job: dict | None) -> None:
+        self._job = _slim(job)
+
+    @property
+    def pod(self) -> dict | None:
+        return self._pod
+
+    @pod.setter
+    def pod(self, pod: dict | None) -> None:
+        self._pod = _slim(pod, _pod_status)
 
     @property
     def task_id(self) -> str:
@@ -121,6 +139,7 @@ class KubernetesPool(BasePool):
         super().__init__(*args, **kwargs)
         self.settings = Settings.load(self.app.conf if self.app else None)
         self.manifests = ManifestStore(self.settings)
+        self._templates: dict[str, tuple[Any, dict]] = {}
         self.namespace = self.settings.resolved_namespace()
         self.limit = self.limit or 1
         self.api: KubeApi | None = None
@@ -348,10 +367,12 @@ class KubernetesPool(BasePool):
     def _launch(self, entry: InFlight) -> None:
         spec = entry.spec
         try:
-            template = self.manifests.load(spec.queue)
+            template = self._template(spec.queue)
             spec.overrides = task_overrides(self.app.tasks.get(spec.name))
-            existing = self._existing_jobs(spec.task_id)
-            if not self._adopt(entry, existing):
+            # A first delivery has no Job yet: create it at once, and look for earlier
+            # attempts only when the message was redelivered or the name is taken.
+            created = not _redelivered(spec) and self._create(entry, template, exclusive=True)
+            if not created and not self._adopt(entry, self._existing_jobs(spec.task_id)):
                 self._create(entry, template)
             if entry.terminate_signal is not None and not entry.finished:
                 self._finish_locked(entry, outcomes.Outcome(TERMINATED))  # clean-up deletes the Job
@@ -367,6 +388,26 @@ class KubernetesPool(BasePool):
         except Exception as exc:  # never let one task take the worker down
             log.exception("unexpected error launching %s[%s]", spec.name, spec.task_id)
             self._fail_launch(entry, TaskLaunchError(f"unexpected error launching the Job: {exc!r}"))
+
+    def _template(self, queue: str) -> dict:
+        """The queue's manifest, looked at on every launch, validated again only when it changed.
+
+        Validating against the OpenAPI schema costs about 10 ms of CPU a launch; the
+        file's inode, size and times tell whether it changed. ``build_job`` copies it.
+        """
+        source = self.manifests.path_for(queue)
+        fallback = self.settings.job_manifest
+        if source is None and fallback and os.path.isfile(fallback):
+            source = fallback
+        if source is None:
+            stamp: Any = fallback  # the manifest itself, from the environment
+        else:
+            stat = os.stat(source)
+            stamp = (str(source), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        cached = self._templates.get(queue)
+        if cached is None or cached[0] != stamp:
+            cached = self._templates[queue] = (stamp, self.manifests.load(queue))
+        return cached[1]
 
     def _existing_jobs(self, task_id: str) -> list[dict]:
         jobs, _ = self.api.list(collection_path("jobs", self.namespace), label_selector=task_selector(task_id))
@@ -414,7 +455,7 @@ class KubernetesPool(BasePool):
         Celery's ``worker_deduplicate_successful_tasks``, trust the result backend.
         """
         spec = entry.spec
-        if not (spec.request.get("delivery_info") or {}).get("redelivered"):
+        if not _redelivered(spec):
             return False
         backend = self.app.backend
         if not getattr(backend, "persistent", False):
@@ -428,7 +469,8 @@ class KubernetesPool(BasePool):
         self._finish_locked(entry, outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result"))))
         return True
 
-    def _create(self, entry: InFlight, template: dict) -> None:
+    def _create(self, entry: InFlight, template: dict, exclusive: bool = False) -> bool:
+        """Create the task's Job and payload Secret; ``False`` if ``exclusive`` and the Job exists."""
         spec = entry.spec
         build_secret(spec, self.namespace)  # fail oversized payloads before creating anything
         job = build_job(template, spec, self.namespace, app=self.app_name,
@@ -437,9 +479,11 @@ class KubernetesPool(BasePool):
         try:
             created = self.api.create(collection_path("jobs", self.namespace), job)
         except ApiError as exc:
-            if not exc.conflict:
+            if not exc.conflict or exclusive:
                 with self._lock:
                     self._by_job.pop(spec.job_name, None)
+                if exc.conflict:
+                    return False
                 raise
             created = self.api.get(object_path("jobs", self.namespace, spec.job_name))
         with self._lock:
@@ -452,6 +496,7 @@ class KubernetesPool(BasePool):
         with self._lock:
             self.counters["launched"] += 1
         log.info("task %s[%s] -> Job %s/%s", spec.name, spec.task_id, self.namespace, spec.job_name)
+        return True
 
     def _ensure_secret(self, entry: InFlight, job: dict) -> None:
         secret = build_secret(entry.spec, self.namespace, job_uid=job["metadata"]["uid"])
@@ -493,13 +538,16 @@ class KubernetesPool(BasePool):
         except ApiError as exc:
             log.warning("cannot delete Job %s: %s", name, exc)
 
-    def _cleanup_task(self, task_id: str, slot: bool = False) -> None:
+    def _cleanup_task(self, entry: InFlight, slot: bool = False) -> None:
         """Delete every Job (and so its pods and payload Secret) of a finished task."""
         try:
-            for job in self._existing_jobs(task_id):
-                self._delete_job(job["metadata"]["name"])
+            if entry.spec.attempt == 1:  # no earlier attempts: its only Job is known
+                self._delete_job(entry.job_name)
+            else:
+                for job in self._existing_jobs(entry.task_id):
+                    self._delete_job(job["metadata"]["name"])
         except ApiError as exc:  # the TTL controller removes it later
-            log.warning("cannot clean up the Jobs of task %s: %s", task_id, exc)
+            log.warning("cannot clean up the Jobs of task %s: %s", entry.task_id, exc)
         finally:
             self._release(slot)
 
@@ -620,7 +668,8 @@ class KubernetesPool(BasePool):
             if channel is None or not hasattr(channel, "unacked_index_key"):
                 continue
             channels.setdefault(id(channel), (channel, []))[1].append(message.delivery_tag)
-        interval = 30.0
+        # Nothing held: look again in a second, so that a new message is refreshed in time.
+        interval = 30.0 if channels else 1.0
         for channel, tags in channels.values():
             interval = min(interval, max(1.0, channel.visibility_timeout / 4))
             try:
@@ -686,7 +735,7 @@ class KubernetesPool(BasePool):
             # After the acks (same FIFO): a Job deleted before its message is acked
             # could let a redelivery run the task again. The slot frees once the Job
             # is gone, so that at most `limit` Jobs ever exist.
-            self._notify(self._submit, self._cleanup_task, entry.task_id, slot)
+            self._notify(self._submit, self._cleanup_task, entry, slot)
 
     def _release(self, slot: bool = True) -> None:
         if slot:
@@ -858,6 +907,36 @@ def _timestamp(value: str | None) -> float:
     if not value:
         return time.time()
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+KEPT_METADATA = ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp")
+
+
+def _slim(obj: dict | None, status_of: Callable[[dict], dict] = dict) -> dict | None:
+    """What the pool reads of a Job or pod it tracks: its identity and (some of) its status."""
+    if obj is None:
+        return None
+    metadata = obj["metadata"]
+    return {"metadata": {key: metadata[key] for key in KEPT_METADATA if key in metadata},
+            "status": status_of(obj.get("status") or {})}
+
+
+def _pod_status(status: dict) -> dict:
+    """The parts of a pod's status that :mod:`.outcome` reads: phase, reason and message,
+    the PodScheduled and DisruptionTarget conditions, and each container's state."""
+    slim = {key: status[key] for key in ("phase", "reason", "message") if key in status}
+    conditions = [c for c in status.get("conditions") or []
+                  if c.get("type") in ("PodScheduled", "DisruptionTarget")]
+    if conditions:
+        slim["conditions"] = conditions
+    if status.get("containerStatuses"):
+        slim["containerStatuses"] = [{"name": c.get("name"), "state": c.get("state") or {}}
+                                     for c in status["containerStatuses"]]
+    return slim
+
+
+def _redelivered(spec: TaskSpec) -> bool:
+    return bool((spec.request.get("delivery_info") or {}).get("redelivered"))
 
 
 def _attempt_of(job: dict) -> int:

@@ -1,0 +1,105 @@
+"""``python -m bench``: run the benchmark of issue 7 and print its table.
+
+Starts its own Redis and local control plane (the process kubelet in simulation
+mode for measurements 1-5, running real pods for 6) and prints one markdown table:
+each figure as the median over the runs with the range in brackets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from k8s_celery.testing.redis import RedisServer
+
+from .harness import ROOT, environment
+from .measure import RAISED, Plan, Row, api_requests, latency, pod_side, throughput
+from .stats import markdown_table
+
+MEASUREMENTS = {"latency": latency, "requests": api_requests, "throughput": throughput}
+
+
+def machine() -> str:
+    """``nproc``, CPU model, memory and kernel of this machine."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU")
+    memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemTotal:")))
+    return (f"{os.cpu_count()} CPUs ({model}), {memory_kb / 2**20:.0f} GiB RAM, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def revision() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def report(rows: list[Row], plan: Plan, load: float, seconds: float) -> str:
+    table = markdown_table(["measurement", "k8s-celery", "reference", "ratio", "target", "met"],
+                           [(r.measurement, r.shim, r.reference, r.ratio, r.target, r.met) for r in rows])
+    return "\n".join([
+        f"k8s-celery benchmark, {datetime.date.today()}, commit {revision()}, {seconds / 60:.0f} min",
+        f"machine: {machine()}",
+        f"load average (1 min) before the run: {load:.2f}",
+        f"runs: {plan.repeats} (latency, short-task requests, throughput), {plan.pod_runs} (pod side); "
+        "figures are median (min–max) over the runs",
+        f"shim settings: defaults, except {', '.join(f'{k}={v}' for k, v in RAISED.items())} "
+        "for latency and throughput",
+        "", table, ""])
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one short run of each (a smoke test)")
+    parser.add_argument("--repeats", type=int, help="runs of each measurement (default 3, 1 with --quick)")
+    parser.add_argument("--only", action="append", choices=[*MEASUREMENTS, "pod"],
+                        help="run only these measurements (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, audit log)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = Plan.quick() if args.quick else Plan()
+    if args.repeats:
+        plan.repeats = args.repeats
+    chosen = args.only or [*MEASUREMENTS, "pod"]
+    workdir = Path(tempfile.mkdtemp(prefix="k8s-celery-bench-"))
+    started, load, rows = time.monotonic(), os.getloadavg()[0], []
+    try:
+        with RedisServer(persistence=False) as redis:
+            if set(chosen) & set(MEASUREMENTS):
+                with environment(workdir / "simulated", redis, simulate=True) as env:
+                    for name, measure in MEASUREMENTS.items():
+                        if name in chosen:
+                            print(f"measuring {name} …", file=sys.stderr, flush=True)
+                            rows += measure(env, plan)
+            if "pod" in chosen:
+                print("measuring pod side …", file=sys.stderr, flush=True)
+                with environment(workdir / "pods", redis, simulate=False) as env:
+                    rows += pod_side(env, plan)
+    finally:
+        if args.keep:
+            print(f"work directory: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(report(rows, plan, load, time.monotonic() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""The six measurements of issue 7; each returns rows of the bench's table."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from kombu.serialization import dumps
+
+from k8s_celery import outcome
+from k8s_celery.cluster import collection_path
+from k8s_celery.manifest import TaskSpec, build_secret, job_name, payload_bytes
+
+from .harness import (NAMESPACE, QUEUE, RAW_NAMESPACE, SHIM_USER, Environment, Shim, Usage, pace,
+                      timestamp, wait_for)
+from .stats import Spread, percentile, ratios, spread_of_percentile, steady_rate
+
+#: Where a figure is about the shim's own speed rather than about its throttles, the
+#: client-side rate limit (default 50 requests/s, bursts of 100: about 16 tasks/s at 3
+#: requests a task) is lifted and the launch threads (default 4) match the ceiling's.
+LAUNCH_THREADS = 16
+RAISED = {"K8S_CELERY_API_QPS": "5000", "K8S_CELERY_API_BURST": "5000",
+          "K8S_CELERY_LAUNCH_THREADS": str(LAUNCH_THREADS)}
+MS = 1000.0
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    measurement: str
+    shim: str
+    reference: str
+    ratio: str
+    target: str
+    met: str
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+@dataclass
+class Plan:
+    """How much to measure: the full run, or ``quick()`` for a smoke run."""
+
+    repeats: int = 3
+    rates: tuple[tuple[float, int], ...] = ((1, 15), (10, 100), (50, 250))  # (tasks/s, tasks)
+    request_tasks: int = 30
+    task_seconds: tuple[float, ...] = (1, 60)
+    backlog: int = 1000
+    ceiling_threads: int = LAUNCH_THREADS
+    pod_runs: int = 5
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(repeats=1, rates=((1, 5), (10, 30), (50, 100)), request_tasks=10, task_seconds=(1, 10),
+                   backlog=200, pod_runs=2)
+
+
+# -- shared steps -------------------------------------------------------------------------
+
+
+def publish(env: Environment, count: int, **options) -> list[str]:
+    noop = env.app.tasks["bench.noop"]
+    return [noop.apply_async(**options).id for _ in range(count)]
+
+
+def run_through(env: Environment, count: int = 3, timeout: float = 60) -> None:
+    """Run a few tasks to their end and clean-up (warms connections and code paths)."""
+    hold, env.pods.hold = env.pods.hold, 0.0
+    ids = publish(env, count)
+    env.events.wait(ids, timeout)
+    env.jobs.wait_deleted([job_name(t) for t in ids], timeout)
+    env.pods.hold = hold
+
+
+def raw_task(env: Environment, suspend: bool = False) -> tuple[TaskSpec, dict]:
+    """A made-up task and the Job the shim would render for it, in the raw namespace."""
+    spec = TaskSpec(task_id=str(uuid.uuid4()), name="bench.noop", queue=QUEUE, request={},
+                    body=b"[[], {}, {}]", content_type="application/json", content_encoding="utf-8")
+    job = env.raw_job(spec)
+    if suspend:
+        job["spec"]["suspend"] = True
+    return spec, job
+
+
+def ms(values: list[float]) -> list[float]:
+    return [v * MS for v in values]
+
+
+# -- 1 and 2: dispatch and completion latency ---------------------------------------------
+
+
+def latency(env: Environment, plan: Plan) -> list[Row]:
+    """Dispatch latency beside the bare-create floor, and completion latency, per rate."""
+    from kubernetes import client, config
+
+    batch = client.BatchV1Api(config.new_client_from_config(str(env.shim_kubeconfig)))
+    runs: dict[float, dict[str, list]] = {rate: {} for rate, _ in plan.rates}
+    env.pods.hold = 0.0
+    with Shim(env, max_jobs=200, settings=RAISED):
+        run_through(env)
+        series(env, batch, 1, 2)  # warm both paths
+        for _ in range(plan.repeats):
+            for rate, count in plan.rates:
+                for name, values in series(env, batch, rate, count).items():
+                    runs[rate].setdefault(name, []).append(ms(values))
+            env.clear_raw_jobs()
+    return [dispatch_row(rate, runs[rate]) for rate, _ in plan.rates] + \
+           [completion_row(rate, runs[rate]) for rate, _ in plan.rates]
+
+
+def series(env: Environment, batch, rate: float, count: int) -> dict[str, list[float]]:
+    """``count`` shim tasks and ``count`` bare creates, interleaved, each at ``rate``; in seconds:
+
+    * ``shim``: ``apply_async`` called → the API server stored the task's Job;
+    * ``delivery``: ``apply_async`` called → the shim sent ``task-received`` (Redis and Celery's
+      consumer, before the pool sees the task);
+    * ``floor``: ``create_namespaced_job`` called (as many client threads as the shim's) → the
+      API server stored the Job;
+    * ``completion``: the API server stored the pod's terminated status → the shim sent
+      ``task-succeeded`` (after acking the message);
+    * ``from_end``: the bench ended the pod's (simulated) container → the shim sent ``task-succeeded``.
+
+    "Stored" is the request's ResponseComplete in the audit log (microseconds, this
+    machine's clock, like the event's own timestamp). The bare creates are suspended
+    Jobs: the same object and API path, and they share the load of the shim's tasks
+    without adding pods of their own.
+    """
+    noop = env.app.tasks["bench.noop"]
+    jobs = [raw_task(env, suspend=True)[1] for _ in range(count)]
+    tasks: dict[str, float] = {}
+    creates: dict[str, float] = {}
+    start = env.audit.mark()
+    with ThreadPoolExecutor(LAUNCH_THREADS) as pool:
+        futures = []
+        for index in pace(2 * rate, 2 * count):
+            if index % 2 == 0:
+                task_id = str(uuid.uuid4())
+                tasks[task_id] = time.time()
+                noop.apply_async(task_id=task_id)
+            else:
+                job = jobs[index // 2]
+                creates[job["metadata"]["name"]] = time.time()
+                futures.append(pool.submit(batch.create_namespaced_job, RAW_NAMESPACE, job))
+        for future in futures:
+            future.result()
+    names = {task_id: job_name(task_id) for task_id in tasks}
+    env.events.wait(list(tasks), 60)
+    time.sleep(0.5)  # the last records reach the audit log
+    created, status_writes = stored_times(env.audit.records(start, env.audit.mark()))
+    succeeded, ended = env.events.succeeded, env.pods.ended
+
+    def terminated(task_id: str) -> float:
+        job = names[task_id]
+        pod = env.pods.running[job][1]
+        return min(stored for received, stored in status_writes[pod] if received >= ended[job])
+
+    return {"shim": [created[names[t]] - at for t, at in tasks.items()],
+            "delivery": [env.events.received[t] - at for t, at in tasks.items()],
+            "floor": [created[name] - at for name, at in creates.items()],
+            "completion": [succeeded[t] - terminated(t) for t in tasks],
+            "from_end": [succeeded[t] - ended[names[t]] for t in tasks]}
+
+
+def stored_times(records) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]]]:
+    """From audit records: when each Job's create was stored, and each pod's status writes
+    as ``(received, stored)``."""
+    created: dict[str, float] = {}
+    status_writes: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for record in records:
+        ref = record.get("objectRef") or {}
+        if record.get("stage") != "ResponseComplete" or record["responseStatus"]["code"] >= 300:
+            continue
+        if record["verb"] == "create" and ref.get("resource") == "jobs" and not ref.get("subresource"):
+            created[ref["name"]] = timestamp(record["stageTimestamp"])
+        elif record["verb"] == "patch" and (ref.get("resource"), ref.get("subresource")) == ("pods", "status"):
+            status_writes[ref["name"]].append((timestamp(record["requestReceivedTimestamp"]),
+                                               timestamp(record["stageTimestamp"])))
+    return created, status_writes
+
+
+def dispatch_row(rate: float, runs: dict) -> Row:
+    shim50, floor50 = [percentile(r, 50) for r in runs["shim"]], [percentile(r, 50) for r in runs["floor"]]
+    ratio = ratios(shim50, floor50)
+    return Row(f"1. dispatch at {rate:g} tasks/s: apply_async → Job stored (ms)",
+               f"p50 {Spread.of(shim50).format()}, p99 {spread_of_percentile(runs['shim'], 99).format()}; of "
+               f"which apply_async → task-received (Redis, Celery) p50 "
+               f"{spread_of_percentile(runs['delivery'], 50).format()}",
+               f"bare create_namespaced_job: p50 {Spread.of(floor50).format()}, "
+               f"p99 {spread_of_percentile(runs['floor'], 99).format()}",
+               f"{ratio.format(2)}×", "p50 ≤ 1.3× the floor", verdict(ratio.median <= 1.3))
+
+
+def completion_row(rate: float, runs: dict) -> Row:
+    completion50 = spread_of_percentile(runs["completion"], 50)
+    return Row(f"2. completion at {rate:g} tasks/s: terminated pod status stored → message acked and "
+               "task-succeeded sent (ms)",
+               f"p50 {completion50.format()}, p99 {spread_of_percentile(runs['completion'], 99).format()}",
+               f"from the container's end, with the kubelet's status write: p50 "
+               f"{spread_of_percentile(runs['from_end'], 50).format()}, p99 "
+               f"{spread_of_percentile(runs['from_end'], 99).format()}", "–", "p50 < 50 ms",
+               verdict(completion50.median < 50))
+
+
+# -- 3: API requests per task ---------------------------------------------------------------
+
+
+def api_requests(env: Environment, plan: Plan) -> list[Row]:
+    """Requests the shim sends per task, counted by the API server's audit log (default settings)."""
+    per_length: dict[float, list[RequestRun]] = {}
+    with Shim(env, max_jobs=plan.request_tasks):
+        run_through(env)
+        for seconds in plan.task_seconds:
+            env.pods.hold = seconds
+            repeats = plan.repeats if seconds < 10 else 1  # long tasks: one run
+            per_length[seconds] = [count_requests(env, plan.request_tasks, seconds) for _ in range(repeats)]
+    short = plan.task_seconds[0]
+    totals = {s: Spread.of(sum(run.per_task.values()) for run in runs) for s, runs in per_length.items()}
+    rows = []
+    for seconds, runs in per_length.items():
+        reads = max(sum(n for (verb, _), n in run.per_task.items() if verb in READS) for run in runs)
+        same = abs(totals[seconds].median - totals[short].median) <= 0.1
+        text = f"{totals[seconds].format(2)}: {split([run.per_task for run in runs])}"
+        if runs[0].quiet is not None:
+            quiet = runs[0].quiet
+            text += (f"; while all {plan.request_tasks} ran ({runs[0].quiet_seconds:.0f} s): "
+                     f"{sum(quiet.values()):.0f} ({split([quiet], 0) or 'none'})")
+        rows.append(Row(f"3. API requests per task, tasks of {seconds:g} s ({len(runs)} run(s) of "
+                        f"{plan.request_tasks} tasks)", text, "–",
+                        f"{totals[seconds].median / totals[short].median:.2f}× the {short:g} s tasks"
+                        if seconds != short else "–",
+                        "the same small constant for both; no reads per task",
+                        verdict(same and reads <= 0.1)))
+    return rows
+
+
+READS = ("get", "list", "watch")
+
+
+@dataclass
+class RequestRun:
+    """The shim's requests in one batch of tasks: per task over the whole batch, and in total
+    while all of them were running (for tasks of 10 s or more)."""
+
+    per_task: Counter
+    quiet: Counter | None = None
+    quiet_seconds: float = 0.0
+
+
+def count_requests(env: Environment, tasks: int, seconds: float) -> RequestRun:
+    """The shim's requests while ``tasks`` tasks of ``seconds`` run and are cleaned up."""
+    start = env.audit.mark()
+    ids = publish(env, tasks)
+    names = [job_name(t) for t in ids]
+    quiet, quiet_seconds = None, 0.0
+    if seconds >= 10:
+        wait_for(lambda: all(n in env.pods.since for n in names), 60, "the tasks' pods running")
+        first_end = min(env.pods.since[n] for n in names) + seconds
+        time.sleep(1.0)
+        quiet_start, began = env.audit.mark(), time.time()
+        time.sleep(max(0.0, first_end - 1.0 - time.time()))
+        quiet, quiet_seconds = env.audit.count(quiet_start, env.audit.mark(), SHIM_USER), time.time() - began
+    env.events.wait(ids, seconds + 120)
+    env.jobs.wait_deleted(names, 60)
+    time.sleep(1.0)  # the last responses reach the log
+    counts = env.audit.count(start, env.audit.mark(), SHIM_USER)
+    return RequestRun(Counter({key: n / tasks for key, n in counts.items()}), quiet, quiet_seconds)
+
+
+def split(runs: list[Counter], digits: int = 2) -> str:
+    """``create jobs 1.00, create secrets 1.00, …``: the median of each verb and resource."""
+    def median(key: tuple[str, str]) -> float:
+        return Spread.of(run.get(key, 0.0) for run in runs).median
+
+    return ", ".join(f"{verb} {resource} {median((verb, resource)):.{digits}f}"
+                     for verb, resource in sorted(set().union(*runs)))
+
+
+# -- 4 and 5: launch throughput and footprint -------------------------------------------------
+
+
+@dataclass
+class BacklogRun:
+    """One run of the shim through a backlog: its launch rate and the process's usage."""
+
+    rate: float
+    idle: Usage
+    full: Usage
+    done: Usage
+
+
+def throughput(env: Environment, plan: Plan) -> list[Row]:
+    """Jobs/s with a backlog against raw concurrent creates; the shim's footprint at that backlog."""
+    jobs_only, pairs, raw_cpu, shim = [], [], [], []
+    for _ in range(plan.repeats):
+        jobs_only.append(raw_create_rate(env, plan, with_secret=False)[0])
+        rate, cpu = raw_create_rate(env, plan, with_secret=True)
+        pairs.append(rate)
+        raw_cpu.append(cpu * MS)
+        shim.append(backlog_run(env, plan.backlog))
+    rates = [run.rate for run in shim]
+    ratio = ratios(rates, pairs)
+    return [
+        Row(f"4. launch throughput, backlog of {plan.backlog} (Jobs/s)", Spread.of(rates).format(),
+            f"ceiling, {plan.ceiling_threads} threads of raw creates: Job + payload Secret "
+            f"{Spread.of(pairs).format()}, Jobs alone {Spread.of(jobs_only).format()}",
+            f"{ratio.format(2)}× (Job + Secret); {ratios(rates, jobs_only).format(2)}× (Jobs alone)",
+            "≥ 0.9× the ceiling", verdict(ratio.median >= 0.9)),
+        *footprint_rows(shim, plan.backlog, Spread.of(raw_cpu)),
+    ]
+
+
+def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[float, float]:
+    """Jobs/s of ``plan.backlog`` Jobs (and their payload Secrets) created by concurrent threads,
+    and the client's CPU seconds per Job.
+
+    The client runs in its own process (``bench.rawcreate``) with the shim's identity.
+    """
+    env.pods.hold = None
+    objects = []
+    for spec, job in (raw_task(env) for _ in range(plan.backlog)):
+        secret = build_secret(spec, RAW_NAMESPACE, job_uid="set-by-rawcreate") if with_secret else None
+        objects.append({"job": job, "secret": secret})
+    path = env.workdir / "raw-objects.json"
+    path.write_text(json.dumps(objects))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-m", "bench.rawcreate", str(env.shim_kubeconfig),
+                    str(plan.ceiling_threads), str(path)], env={**os.environ, **env.app_environ}, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / plan.backlog
+    names = [pair["job"]["metadata"]["name"] for pair in objects]
+    env.jobs.wait_added(names, 60)
+    rate = steady_rate(env.jobs.added[name] for name in names)
+    env.clear_raw_jobs()
+    return rate, cpu
+
+
+def backlog_run(env: Environment, backlog: int) -> BacklogRun:
+    """A fresh shim: idle usage, a backlog released at once, usage with all of it running, then done."""
+    with Shim(env, max_jobs=backlog, settings=RAISED) as shim:
+        run_through(env)
+        time.sleep(2.0)
+        idle = shim.usage()
+        shim.consume(False)
+        env.pods.hold = None
+        ids = publish(env, backlog)
+        names = [job_name(t) for t in ids]
+        shim.consume(True)
+        env.jobs.wait_added(names, 600)
+        wait_for(lambda: env.pods.held(NAMESPACE) >= backlog, 600, f"{backlog} pods running")
+        time.sleep(2.0)  # the shim takes in the last pod events
+        full = shim.usage()
+        env.pods.finish_all()
+        env.events.wait(ids, 600)
+        env.jobs.wait_deleted(names, 600)
+        done = shim.usage()
+    wait_for(lambda: not env.cluster.api.list(collection_path("pods", NAMESPACE))[0], 300,
+             "the shim's pods to be gone", interval=1.0)
+    return BacklogRun(steady_rate(env.jobs.added[name] for name in names), idle, full, done)
+
+
+def footprint_rows(runs: list[BacklogRun], backlog: int, raw_cpu: Spread) -> list[Row]:
+    rss = Spread.of((r.full.rss_kb - r.idle.rss_kb) / backlog for r in runs)
+    cpu = Spread.of((r.done.cpu_seconds - r.idle.cpu_seconds) / backlog * MS for r in runs)
+    launch = Spread.of((r.full.cpu_seconds - r.idle.cpu_seconds) / backlog * MS for r in runs)
+    consumer = Spread.of((r.full.main_thread_cpu_seconds - r.idle.main_thread_cpu_seconds) / backlog * MS
+                         for r in runs)
+    idle_mb = Spread.of(r.idle.rss_kb / 1024 for r in runs)
+    conns = [(r.idle.api_connections, r.full.api_connections, r.done.api_connections) for r in runs]
+    bound = LAUNCH_THREADS + 3  # a connection per launch thread, both watches and the sweep
+    return [
+        Row(f"5. shim memory per in-flight task, {backlog} in flight (KB RSS)", rss.format(),
+            f"idle shim {idle_mb.format()} MB", "–", "≤ 20 KB", verdict(rss.median <= 20)),
+        Row(f"5. shim CPU per task, launch to clean-up of {backlog} (ms)",
+            f"{cpu.format()}, of which launch to running {launch.format()} (Celery's consumer thread "
+            f"{consumer.format()})",
+            f"the raw-create client: {raw_cpu.format(2)} per Job + Secret", "–", "–", "–"),
+        Row(f"5. shim connections to the API server: idle / {backlog} in flight / all done",
+            "; ".join(f"{i} / {f} / {d}" for i, f, d in conns),
+            f"at most one per launch thread ({LAUNCH_THREADS}), watch (2) and the sweep", "–",
+            "no growth with in-flight tasks", verdict(all(full <= bound for _, full, _ in conns))),
+    ]
+
+
+# -- 6: pod-side overhead --------------------------------------------------------------------
+
+
+def pod_side(env: Environment, plan: Plan) -> list[Row]:
+    """The price of isolation: a no-op in its own pod, against a bare interpreter and prefork."""
+    import_celery = [wall([sys.executable, "-c", "import celery"], env) for _ in range(plan.pod_runs + 1)][1:]
+    import_app = [wall([sys.executable, "-c", "import celery, bench.benchapp"], env)
+                  for _ in range(plan.pod_runs + 1)][1:]
+    run_task = [run_task_once(env) for _ in range(plan.pod_runs + 1)][1:]
+    with prefork_worker(env):
+        prefork, prefork_delivery = dispatch_to_result(env, plan.pod_runs, queue="prefork")
+    with Shim(env, max_jobs=2):
+        shim, _ = dispatch_to_result(env, plan.pod_runs)
+    return [
+        Row("6. `k8s-celery run-task`, no-op, payload → result stored (ms, wall)",
+            Spread.of(ms(run_task)).format(0),
+            f"`python -c 'import celery, bench.benchapp'` {Spread.of(ms(import_app)).format(0)}; "
+            f"`import celery` alone {Spread.of(ms(import_celery)).format(0)}",
+            f"{ratios(run_task, import_app).format(2)}×", "–", "–"),
+        Row("6. no-op `apply_async` → result (ms)",
+            f"k8s-celery, process kubelet: {Spread.of(ms(shim)).format(0)}",
+            f"prefork worker (-c 1): {Spread.of(ms(prefork)).format(1)}, of which apply_async → "
+            f"task-received {Spread.of(ms(prefork_delivery)).format(1)}",
+            f"{ratios(shim, prefork).format(0)}×", "–", "–"),
+    ]
+
+
+def wall(argv: list[str], env: Environment) -> float:
+    """Wall seconds of one run of ``argv`` with the bench app's environment."""
+    environ = {**env.app_environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    started = time.perf_counter()
+    subprocess.run(argv, env=environ, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def run_task_once(env: Environment) -> float:
+    """Wall seconds of ``k8s-celery run-task`` of a new no-op task, as a pod runs it (without the pod)."""
+    task_id = str(uuid.uuid4())
+    message = env.app.amqp.as_task_v2(task_id, "bench.noop", args=(), kwargs={})
+    content_type, encoding, body = dumps(message.body, serializer="json")
+    spec = TaskSpec(task_id=task_id, name="bench.noop", queue=QUEUE,
+                    request={**message.headers, "delivery_info": {"routing_key": QUEUE}},
+                    body=body.encode() if isinstance(body, str) else body,
+                    content_type=content_type, content_encoding=encoding)
+    with tempfile.TemporaryDirectory() as directory:
+        payload, log = Path(directory) / "payload.json", Path(directory) / "termination-log"
+        payload.write_bytes(payload_bytes(spec))
+        seconds = wall([str(Path(sys.executable).parent / "k8s-celery"), "run-task", "-A", "bench.benchapp",
+                        "--payload", str(payload), "--termination-log", str(log)], env)
+        result = outcome.decode(log.read_text())
+    if result is None or result.state != outcome.SUCCESS:
+        raise RuntimeError(f"run-task did not succeed: {result}")
+    return seconds
+
+
+def dispatch_to_result(env: Environment, runs: int, **options) -> tuple[list[float], list[float]]:
+    """Seconds of ``noop.apply_async(...).get()`` and of apply_async → ``task-received``, one
+    task at a time (after one untimed)."""
+    noop = env.app.tasks["bench.noop"]
+    walls, sent = [], {}
+    for _ in range(runs + 1):
+        task_id = str(uuid.uuid4())
+        sent[task_id], started = time.time(), time.perf_counter()
+        noop.apply_async(task_id=task_id, **options).get(timeout=120)
+        walls.append(time.perf_counter() - started)
+    del sent[next(iter(sent))]
+    env.events.wait_received(list(sent), 10)
+    return walls[1:], [env.events.received[task_id] - at for task_id, at in sent.items()]
+
+
+@contextmanager
+def prefork_worker(env: Environment) -> Iterator[None]:
+    """A stock ``celery worker -P prefork -c 1 -E`` consuming the ``prefork`` queue."""
+    hostname = f"prefork-{uuid.uuid4().hex[:6]}@bench"
+    argv = [sys.executable, "-m", "celery", "-A", "bench.benchapp", "worker", "-P", "prefork", "-c", "1", "-E",
+            "-Q", "prefork", "-n", hostname, "--without-mingle", "--without-gossip", "-l", "WARNING"]
+    with open(env.workdir / f"{hostname}.log", "ab") as log:
+        environ = {**env.app_environ, "PATH": "/usr/bin:/bin", "C_FORCE_ROOT": "1"}
+        process = subprocess.Popen(argv, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: env.app.control.ping(destination=[hostname], timeout=0.5), 60, hostname, 0.3)
+        yield
+    finally:
+        process.terminate()
+        process.wait(30)
