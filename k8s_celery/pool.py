@@ -541,11 +541,10 @@ class KubernetesPool(BasePool):
     def _cleanup_task(self, entry: InFlight, slot: bool = False) -> None:
         """Delete every Job (and so its pods and payload Secret) of a finished task."""
         try:
-            if entry.spec.attempt == 1:  # no earlier attempts: its only Job is known
-                self._delete_job(entry.job_name)
-            else:
-                for job in self._existing_jobs(entry.task_id):
-                    self._delete_job(job["metadata"]["name"])
+            # List rather than trust entry.job_name: a redelivery may have adopted a later
+            # attempt's Job, created by a worker that died, which must go too.
+            for job in self._existing_jobs(entry.task_id):
+                self._delete_job(job["metadata"]["name"])
         except ApiError as exc:  # the TTL controller removes it later
             log.warning("cannot clean up the Jobs of task %s: %s", entry.task_id, exc)
         finally:
