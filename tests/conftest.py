@@ -158,5 +158,25 @@ def jobs_in(cluster, namespace: str) -> list[dict]:
     return jobs
 
 
+def run_check(cluster, namespace: str, account: str, manifests: Path, work_dir: Path) -> subprocess.CompletedProcess:
+    """`k8s-celery check` of the test app's `kubernetes` queue, as ServiceAccount ``account``."""
+    kubeconfig = cluster.kubeconfig_for_token(cluster.service_account_token(namespace, account),
+                                              work_dir / f"{account}.kubeconfig", namespace=namespace)
+    env = {**os.environ, "PYTHONPATH": str(APPS), "CELERY_BROKER_URL": "memory://"}
+    return subprocess.run([sys.executable, "-m", "k8s_celery", "check", "-A", "taskapp", "-Q", "kubernetes",
+                           "--manifests", str(manifests), "--namespace", namespace,
+                           "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, env=env, timeout=60)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The samples of a worker's /metrics: (name, sorted labels) -> value."""
+    import urllib3
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib3.PoolManager().request("GET", f"http://127.0.0.1:{port}/metrics", timeout=10).data.decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=1, default=str)

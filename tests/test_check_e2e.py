@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import APPS, write_manifest
+from conftest import run_check, write_manifest
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path
 
@@ -34,13 +32,8 @@ def grant(cluster, namespace: str, name: str, skip: tuple[str, str] | None = Non
 
 
 def check(cluster, namespace, tmp_path, account: str) -> subprocess.CompletedProcess:
-    kubeconfig = cluster.kubeconfig_for_token(cluster.service_account_token(namespace, account),
-                                              tmp_path / f"{account}.kubeconfig", namespace=namespace)
     write_manifest(tmp_path / "manifests", "kubernetes", "redis://broker:6379/0")
-    env = {**os.environ, "PYTHONPATH": str(APPS), "CELERY_BROKER_URL": "memory://"}
-    return subprocess.run([sys.executable, "-m", "k8s_celery", "check", "-A", "taskapp", "-Q", "kubernetes",
-                           "--manifests", str(tmp_path / "manifests"), "--namespace", namespace,
-                           "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, env=env, timeout=60)
+    return run_check(cluster, namespace, account, tmp_path / "manifests", tmp_path)
 
 
 def test_check_passes_with_every_verb(k8s_cluster, k8s_namespace, tmp_path):

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import urllib3
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import APPS, dump_json
+from conftest import APPS, dump_json, run_check, scrape
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.config import validate_job_manifest, validate_object
@@ -199,15 +198,6 @@ def test_bad_values_fail_with_a_clear_message(values, message):
 # -- the chart on the local control plane --------------------------------------------
 
 
-def check_as(cluster, namespace: str, account: str, tmp_path: Path, manifests: Path) -> subprocess.CompletedProcess:
-    kubeconfig = cluster.kubeconfig_for_token(cluster.service_account_token(namespace, account),
-                                              tmp_path / f"{account}.kubeconfig", namespace=namespace)
-    env = {**os.environ, "PYTHONPATH": str(APPS), "CELERY_BROKER_URL": "memory://"}
-    return subprocess.run([sys.executable, "-m", "k8s_celery", "check", "-A", "taskapp", "-Q", "kubernetes",
-                           "--manifests", str(manifests), "--namespace", namespace,
-                           "--kubeconfig", str(kubeconfig)], capture_output=True, text=True, env=env, timeout=60)
-
-
 def test_check_passes_with_the_chart_role_and_names_a_removed_verb(k8s_cluster, k8s_namespace, tmp_path):
     objects = helm_template({**REQUIRED_VALUES, "queues": {"kubernetes": {}}}, namespace=k8s_namespace)
     manifests = tmp_path / "manifests"
@@ -216,7 +206,7 @@ def test_check_passes_with_the_chart_role_and_names_a_removed_verb(k8s_cluster, 
         (manifests / f"{queue}.yaml").write_text(yaml.safe_dump(manifest))
     kubectl_run(k8s_cluster, "apply", "-n", k8s_namespace, "-f", "-",
                 stdin=to_yaml([o for o in objects if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")]))
-    done = check_as(k8s_cluster, k8s_namespace, "tasks-k8s-celery", tmp_path, manifests)
+    done = run_check(k8s_cluster, k8s_namespace, "tasks-k8s-celery", manifests, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("PASS") == 3 + len(REQUIRED_ACCESS) and "FAIL" not in done.stdout
 
@@ -226,17 +216,11 @@ def test_check_passes_with_the_chart_role_and_names_a_removed_verb(k8s_cluster, 
             rule["verbs"].remove("watch")
     kubectl_run(k8s_cluster, "apply", "-n", k8s_namespace, "-f", "-", stdin=to_yaml([role]))
     done = wait_until(lambda: (lambda d: d if d.returncode else None)(
-        check_as(k8s_cluster, k8s_namespace, "tasks-k8s-celery", tmp_path, manifests)),
+        run_check(k8s_cluster, k8s_namespace, "tasks-k8s-celery", manifests, tmp_path)),
         timeout=30, interval=1, message="check to see the narrowed Role")
     assert [line for line in done.stdout.splitlines() if line.startswith("FAIL")] == [
         f"FAIL  may watch pods in namespace {k8s_namespace}: missing; needed to follow every task pod "
         "with one watch"]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib3.PoolManager().request("GET", f"http://127.0.0.1:{port}/metrics", timeout=10).data.decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def installed_values(broker_url: str, metrics_port: int) -> dict:

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import urllib3
-from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import scrape
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.cluster import free_port
 
 pytestmark = pytest.mark.cluster
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib3.PoolManager().request("GET", f"http://127.0.0.1:{port}/metrics", timeout=10).data.decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def test_metrics_count_the_run(start_shim, taskapp):
