@@ -1,8 +1,9 @@
 """``python -m bench``: run the benchmark of issue 7 and print its table.
 
 Starts its own Redis and local control plane (the process kubelet in simulation
-mode for measurements 1-5, running real pods for 6) and prints one markdown table:
-each figure as the median over the runs with the range in brackets.
+mode for measurements 1-5, running real pods for 6, a real node for 7 when this
+machine can run one) and prints one markdown table: each figure as the median over
+the runs with the range in brackets.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from k8s_celery.testing.redis import RedisServer
 
+from . import realnode
 from .harness import ROOT, environment
 from .measure import RAISED, Plan, Row, api_requests, latency, pod_side, throughput
 from .stats import markdown_table
 
 MEASUREMENTS = {"latency": latency, "requests": api_requests, "throughput": throughput}
+#: Measurements with an environment of their own: the process kubelet's real pods, a real node.
+OWN_ENVIRONMENT = ("pod", "realnode")
 
 
 def machine() -> str:
@@ -46,15 +51,16 @@ def revision() -> str:
         return "unknown"
 
 
-def report(rows: list[Row], plan: Plan, load: float, seconds: float) -> str:
+def report(rows: list[Row], plan: Plan, load: float, seconds: float, notes: Sequence[str] = ()) -> str:
     table = markdown_table(["measurement", "k8s-celery", "reference", "ratio", "target", "met"],
                            [(r.measurement, r.shim, r.reference, r.ratio, r.target, r.met) for r in rows])
     return "\n".join([
         f"k8s-celery benchmark, {datetime.date.today()}, commit {revision()}, {seconds / 60:.0f} min",
         f"machine: {machine()}",
-        f"load average (1 min) before the run: {load:.2f}",
-        f"runs: {plan.repeats} (latency, short-task requests, throughput), {plan.pod_runs} (pod side); "
-        "figures are median (min–max) over the runs",
+        f"load average (1 min) before the run: {load:.2f}, after it: {os.getloadavg()[0]:.2f}",
+        f"runs: {plan.repeats} (latency, short-task requests, throughput), {plan.pod_runs} (pod side), "
+        f"{plan.node_runs} of {plan.node_samples} rounds (real node); figures are median (min–max) over the runs",
+        *notes,
         f"shim settings: defaults, except {', '.join(f'{k}={v}' for k, v in RAISED.items())} "
         "for latency and throughput",
         "", table, ""])
@@ -65,7 +71,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short run of each (a smoke test)")
     parser.add_argument("--repeats", type=int, help="runs of each measurement (default 3, 1 with --quick)")
-    parser.add_argument("--only", action="append", choices=[*MEASUREMENTS, "pod"],
+    parser.add_argument("--only", action="append", choices=[*MEASUREMENTS, *OWN_ENVIRONMENT],
                         help="run only these measurements (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, audit log)")
     return parser.parse_args(argv)
@@ -77,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.repeats:
         plan.repeats = args.repeats
-    chosen = args.only or [*MEASUREMENTS, "pod"]
+    chosen = args.only or [*MEASUREMENTS, *OWN_ENVIRONMENT]
+    notes: list[str] = []
+    if "realnode" in chosen and (reason := realnode.unusable()):
+        if args.only:
+            print(f"cannot measure on a real node: {reason}", file=sys.stderr)
+            return 2
+        chosen.remove("realnode")
+        notes.append(f"not measured on a real node (7): {reason}")
     workdir = Path(tempfile.mkdtemp(prefix="k8s-celery-bench-"))
     started, load, rows = time.monotonic(), os.getloadavg()[0], []
     try:
@@ -92,12 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                 print("measuring pod side …", file=sys.stderr, flush=True)
                 with environment(workdir / "pods", redis, simulate=False) as env:
                     rows += pod_side(env, plan)
+            if "realnode" in chosen:
+                print("measuring on a real node (waits while another real node runs) …", file=sys.stderr,
+                      flush=True)
+                with realnode.node_environment(workdir / "realnode", redis) as env:
+                    rows += realnode.measure(env, plan)
     finally:
         if args.keep:
             print(f"work directory: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(report(rows, plan, load, time.monotonic() - started))
+    print(report(rows, plan, load, time.monotonic() - started, notes))
     return 0
 
 

@@ -26,8 +26,9 @@ import yaml
 
 from k8s_celery import outcome
 from k8s_celery.check import REQUIRED_ACCESS
-from k8s_celery.cluster import KubeApi, Watcher, collection_path
-from k8s_celery.manifest import TaskSpec, build_job
+from k8s_celery.cluster import KubeApi, collection_path
+from k8s_celery.watch import Watcher
+from k8s_celery.manifest import ANNOTATION_TASK_ID, TaskSpec, build_job
 from k8s_celery.testing.cluster import LocalCluster
 from k8s_celery.testing.redis import RedisServer
 
@@ -68,6 +69,7 @@ class JobWatch:
     def __init__(self, api: KubeApi):
         self.added: dict[str, float] = {}
         self.deleted: dict[str, float] = {}
+        self.by_task: dict[str, str] = {}  # task id -> name of its first Job
         self._watcher = Watcher(api, collection_path("jobs"), self._on_event, resync_period=3600,
                                 name="bench job watch")
 
@@ -83,8 +85,16 @@ class JobWatch:
         name = job["metadata"]["name"]
         if kind == "ADDED":
             self.added.setdefault(name, now)
+            task_id = (job["metadata"].get("annotations") or {}).get(ANNOTATION_TASK_ID)
+            if task_id:
+                self.by_task.setdefault(task_id, name)
         elif kind == "DELETED":
             self.deleted.setdefault(name, now)
+
+    def names_of(self, task_ids: list[str], timeout: float) -> list[str]:
+        """The Job names of these tasks (each delivery's name is only known once created)."""
+        wait_for(lambda: all(t in self.by_task for t in task_ids), timeout, f"{len(task_ids)} Jobs created")
+        return [self.by_task[t] for t in task_ids]
 
     def wait_added(self, names: list[str], timeout: float) -> None:
         wait_for(lambda: all(n in self.added for n in names), timeout, f"{len(names)} Jobs created")
@@ -287,15 +297,16 @@ def established_connections(pid: int, remote_port: int) -> int:
 
 
 class Shim:
-    """A ``k8s-celery worker`` process for the bench app."""
+    """A ``k8s-celery worker`` process for the bench app (``app``: the module the worker and its
+    pods import it as; ``settings``: more environment variables)."""
 
     def __init__(self, env: Environment, max_jobs: int, settings: dict[str, str] | None = None,
-                 queue: str = QUEUE):
+                 queue: str = QUEUE, app: str = "bench.benchapp"):
         self.env = env
         self.queue = queue
         self.hostname = f"shim-{uuid.uuid4().hex[:6]}@bench"
         self.log_path = env.workdir / f"{self.hostname}.log"
-        self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", "bench.benchapp", "-Q", queue,
+        self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", app, "-Q", queue,
                      "--manifests", str(env.manifests), "--namespace", NAMESPACE,
                      "--kubeconfig", str(env.shim_kubeconfig), "--max-jobs", str(max_jobs),
                      "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip"]

@@ -1,4 +1,5 @@
-"""The six measurements of issue 7; each returns rows of the bench's table."""
+"""The six measurements of issue 7 (the seventh, on a real node, is in ``realnode``);
+each returns rows of the bench's table."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from kombu.serialization import dumps
 
 from k8s_celery import outcome
 from k8s_celery.cluster import collection_path
-from k8s_celery.manifest import TaskSpec, build_secret, job_name, payload_bytes
+from k8s_celery.manifest import TaskSpec, build_secret, payload_bytes
 
 from .harness import (NAMESPACE, QUEUE, RAW_NAMESPACE, SHIM_USER, Environment, Shim, Usage, pace,
                       timestamp, wait_for)
@@ -63,11 +64,13 @@ class Plan:
     backlog: int = 1000
     ceiling_threads: int = LAUNCH_THREADS
     pod_runs: int = 5
+    node_runs: int = 3      # measurement 7 (real node): runs
+    node_samples: int = 8   # … of this many rounds, each with one task or Job of every kind
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(repeats=1, rates=((1, 5), (10, 30), (50, 100)), request_tasks=10, task_seconds=(1, 10),
-                   backlog=200, pod_runs=2)
+                   backlog=200, pod_runs=2, node_runs=1, node_samples=2)
 
 
 # -- shared steps -------------------------------------------------------------------------
@@ -83,8 +86,19 @@ def run_through(env: Environment, count: int = 3, timeout: float = 60) -> None:
     hold, env.pods.hold = env.pods.hold, 0.0
     ids = publish(env, count)
     env.events.wait(ids, timeout)
-    env.jobs.wait_deleted([job_name(t) for t in ids], timeout)
+    env.jobs.wait_deleted(env.jobs.names_of(ids, timeout), timeout)
     env.pods.hold = hold
+
+
+def no_op_spec(app) -> TaskSpec:
+    """A new no-op task, as the shim hands it to its pod."""
+    task_id = str(uuid.uuid4())
+    message = app.amqp.as_task_v2(task_id, "bench.noop", args=(), kwargs={})
+    content_type, encoding, body = dumps(message.body, serializer="json")
+    return TaskSpec(task_id=task_id, name="bench.noop", queue=QUEUE,
+                    request={**message.headers, "delivery_info": {"routing_key": QUEUE}},
+                    body=body.encode() if isinstance(body, str) else body,
+                    content_type=content_type, content_encoding=encoding)
 
 
 def raw_task(env: Environment, suspend: bool = False) -> tuple[TaskSpec, dict]:
@@ -158,8 +172,8 @@ def series(env: Environment, batch, rate: float, count: int) -> dict[str, list[f
                 futures.append(pool.submit(batch.create_namespaced_job, RAW_NAMESPACE, job))
         for future in futures:
             future.result()
-    names = {task_id: job_name(task_id) for task_id in tasks}
     env.events.wait(list(tasks), 60)
+    names = dict(zip(tasks, env.jobs.names_of(list(tasks), 60)))
     time.sleep(0.5)  # the last records reach the audit log
     created, status_writes = stored_times(env.audit.records(start, env.audit.mark()))
     succeeded, ended = env.events.succeeded, env.pods.ended
@@ -265,7 +279,7 @@ def count_requests(env: Environment, tasks: int, seconds: float) -> RequestRun:
     """The shim's requests while ``tasks`` tasks of ``seconds`` run and are cleaned up."""
     start = env.audit.mark()
     ids = publish(env, tasks)
-    names = [job_name(t) for t in ids]
+    names = env.jobs.names_of(ids, 60)
     quiet, quiet_seconds = None, 0.0
     if seconds >= 10:
         wait_for(lambda: all(n in env.pods.since for n in names), 60, "the tasks' pods running")
@@ -358,9 +372,8 @@ def backlog_run(env: Environment, backlog: int) -> BacklogRun:
         shim.consume(False)
         env.pods.hold = None
         ids = publish(env, backlog)
-        names = [job_name(t) for t in ids]
         shim.consume(True)
-        env.jobs.wait_added(names, 600)
+        names = env.jobs.names_of(ids, 600)
         wait_for(lambda: env.pods.held(NAMESPACE) >= backlog, 600, f"{backlog} pods running")
         time.sleep(2.0)  # the shim takes in the last pod events
         full = shim.usage()
@@ -433,13 +446,7 @@ def wall(argv: list[str], env: Environment) -> float:
 
 def run_task_once(env: Environment) -> float:
     """Wall seconds of ``k8s-celery run-task`` of a new no-op task, as a pod runs it (without the pod)."""
-    task_id = str(uuid.uuid4())
-    message = env.app.amqp.as_task_v2(task_id, "bench.noop", args=(), kwargs={})
-    content_type, encoding, body = dumps(message.body, serializer="json")
-    spec = TaskSpec(task_id=task_id, name="bench.noop", queue=QUEUE,
-                    request={**message.headers, "delivery_info": {"routing_key": QUEUE}},
-                    body=body.encode() if isinstance(body, str) else body,
-                    content_type=content_type, content_encoding=encoding)
+    spec = no_op_spec(env.app)
     with tempfile.TemporaryDirectory() as directory:
         payload, log = Path(directory) / "payload.json", Path(directory) / "termination-log"
         payload.write_bytes(payload_bytes(spec))

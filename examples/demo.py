@@ -3,6 +3,10 @@
 Starts Redis and the local Kubernetes control plane (with the process kubelet),
 starts `k8s-celery worker` on the `kubernetes` queue, publishes tasks with
 apply_async from this process, and prints what came back and what ran where.
+
+``--real-node``: the tasks run in containers of a real node instead (kubelet,
+containerd, runc), from an image of the demo app built here from
+deploy/docker/Dockerfile (needs root; see k8s_celery.testing.realnode).
 """
 
 from __future__ import annotations
@@ -21,12 +25,30 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "app"))
 
 
-def main() -> int:
+def on_real_node(cluster, redis_server, manifest: dict) -> str:
+    """Build and import the demo app's image; point the manifest at it; Redis for pods."""
+    from k8s_celery.testing.realnode.images import ImageBuilder
+
+    started = time.monotonic()
+    image = ImageBuilder().demo_app()
+    cluster.real_node.import_image(image)
+    print(f"image {image.name} ready in {time.monotonic() - started:.0f}s")
+    address = cluster.real_node.node_address  # pods reach this machine there, not on loopback
+    redis_server.client().config_set("bind", f"127.0.0.1 {address}")
+    pod_spec = manifest["spec"]["template"]["spec"]
+    pod_spec["containers"][0].update(image=image.name, imagePullPolicy="Never")
+    # The image runs as uid 1000: the payload Secret (mode 0440) must be group-readable.
+    pod_spec["securityContext"] = {"fsGroup": 1000}
+    return f"redis://{address}:{redis_server.port}/0"
+
+
+def main(argv: list[str]) -> int:
     from k8s_celery.cluster import collection_path
     from k8s_celery.testing import LocalCluster, RedisServer, wait_until
 
+    real_node = "--real-node" in argv
     work = Path(tempfile.mkdtemp(prefix="k8s-celery-demo-"))
-    with RedisServer() as redis_server, LocalCluster() as cluster:
+    with RedisServer() as redis_server, LocalCluster(node="real" if real_node else "process") as cluster:
         broker = f"{redis_server.url}/0"
         os.environ.update(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=broker)
         print(f"redis at {broker}; Kubernetes API at {cluster.server}")
@@ -34,9 +56,11 @@ def main() -> int:
 
         manifest = yaml.safe_load((HERE / "manifests" / "kubernetes" / "manifest.yaml").read_text())
         container = manifest["spec"]["template"]["spec"]["containers"][0]
-        container["env"] = [{"name": "CELERY_BROKER_URL", "value": broker},
-                            {"name": "CELERY_RESULT_BACKEND", "value": broker},
-                            {"name": "PYTHONPATH", "value": str(HERE / "app")}]
+        pod_broker = on_real_node(cluster, redis_server, manifest) if real_node else broker
+        container["env"] = [{"name": "CELERY_BROKER_URL", "value": pod_broker},
+                            {"name": "CELERY_RESULT_BACKEND", "value": pod_broker}]
+        if not real_node:  # the process kubelet runs the app from this checkout
+            container["env"].append({"name": "PYTHONPATH", "value": str(HERE / "app")})
         (work / "manifests" / "kubernetes").mkdir(parents=True)
         (work / "manifests" / "kubernetes" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
 
@@ -86,4 +110,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,9 +1,10 @@
-"""Pure functions: a queue's Job template and a task -> the Job and Secret objects.
+"""Pure functions: a queue's Job template and a task delivery -> the Job and Secret objects.
 
-Names are deterministic: the same task id and attempt always give the same Job
-name, so a redelivered message finds the Job of an earlier delivery instead of
-creating a second one. The payload travels in a Secret owned by the Job, mounted
-into the pod; it never appears in the pod spec.
+Job names are deterministic: the same delivery (see :mod:`.deliveries`) and attempt
+always give the same name, so a redelivered message finds the Job of its earlier
+delivery instead of creating a second one, while a new message that reuses the task
+id (``self.retry()``, ``Task.replace()``) gets Jobs of its own. The payload travels
+in a Secret owned by the Job, mounted into the pod; it never appears in the pod spec.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MANAGER = "k8s-celery"
 LABEL_QUEUE = "k8s-celery.io/queue"
 LABEL_TASK_NAME = "k8s-celery.io/task-name"
 LABEL_TASK_HASH = "k8s-celery.io/task-hash"
+LABEL_DELIVERY = "k8s-celery.io/delivery"
 LABEL_ATTEMPT = "k8s-celery.io/attempt"
 ANNOTATION_TASK_ID = "k8s-celery.io/task-id"
 ANNOTATION_TASK_NAME = "k8s-celery.io/task-name"
@@ -50,10 +52,10 @@ def task_hash(task_id: str) -> str:
     return hashlib.sha256(task_id.encode()).hexdigest()[:20]
 
 
-def job_name(task_id: str, attempt: int = 1) -> str:
-    """``kc-<slug>-<hash>-<attempt>``: a DNS-1123 label of at most 63 characters."""
+def job_name(task_id: str, delivery: str, attempt: int = 1) -> str:
+    """``kc-<task id slug>-<delivery>-<attempt>``: a DNS-1123 label of at most 63 characters."""
     slug = _NOT_DNS.sub("-", task_id.lower()).strip("-")[:30].strip("-") or "task"
-    return f"kc-{slug}-{task_hash(task_id)[:10]}-{attempt}"
+    return f"kc-{slug}-{delivery[:10]}-{attempt}"
 
 
 def label_value(value: str) -> str:
@@ -63,7 +65,13 @@ def label_value(value: str) -> str:
 
 
 def task_selector(task_id: str) -> str:
+    """Label selector of every Job and pod of a task id (all its deliveries)."""
     return f"{MANAGED_BY}={MANAGER},{LABEL_TASK_HASH}={task_hash(task_id)}"
+
+
+def delivery_selector(delivery: str) -> str:
+    """Label selector of the Jobs (every attempt) of one delivery."""
+    return f"{MANAGED_BY}={MANAGER},{LABEL_DELIVERY}={delivery}"
 
 
 MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGER}"
@@ -80,19 +88,36 @@ class TaskSpec:
     body: bytes
     content_type: str | None
     content_encoding: str | None
+    delivery: str = ""
     attempt: int = 1
     soft_time_limit: float | None = None
     time_limit: float | None = None
     overrides: dict = field(default_factory=dict)
+    #: The payload Secret's name: unique per Job, so that a Secret left by an earlier
+    #: Job of the same name (awaiting garbage collection) is never mistaken for ours.
+    secret_name: str = ""
+    #: When the attempt's Job was created (ISO 8601, UTC): a pod that finds the task
+    #: succeeded since then knows that another pod of the same Job ran it.
+    launched_at: str | None = None
 
     @property
     def job_name(self) -> str:
-        return job_name(self.task_id, self.attempt)
+        return job_name(self.task_id, self.delivery or task_hash(self.task_id), self.attempt)
+
+
+def body_bytes(body: bytes | str | memoryview, content_encoding: str | None) -> bytes:
+    """The message body as bytes: py-amqp hands text bodies over decoded (``str``)."""
+    if isinstance(body, str):
+        try:
+            return body.encode(content_encoding or "utf-8")
+        except LookupError:  # "binary" and other non-codecs
+            return body.encode("utf-8")
+    return bytes(body)
 
 
 def payload_bytes(spec: TaskSpec) -> bytes:
     """The JSON document the pod's runner reads."""
-    body = spec.body if isinstance(spec.body, bytes) else bytes(spec.body)
+    body = body_bytes(spec.body, spec.content_encoding)
     # The pod decodes args and kwargs from the body, as a worker process does; the
     # decoded copies in the request may not even be JSON (pickle serializer).
     request = {k: v for k, v in spec.request.items() if k not in ("args", "kwargs")}
@@ -101,14 +126,14 @@ def payload_bytes(spec: TaskSpec) -> bytes:
         "request": request, "body": base64.b64encode(body).decode(),
         "content_type": spec.content_type, "content_encoding": spec.content_encoding,
         "soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit,
-        "attempt": spec.attempt,
+        "attempt": spec.attempt, "delivery": spec.delivery, "launched_at": spec.launched_at,
     }).encode()
 
 
 def labels_for(spec: TaskSpec) -> dict[str, str]:
     return {MANAGED_BY: MANAGER, LABEL_QUEUE: label_value(spec.queue),
             LABEL_TASK_NAME: label_value(spec.name), LABEL_TASK_HASH: task_hash(spec.task_id),
-            LABEL_ATTEMPT: str(spec.attempt)}
+            LABEL_DELIVERY: spec.delivery or task_hash(spec.task_id), LABEL_ATTEMPT: str(spec.attempt)}
 
 
 def annotations_for(spec: TaskSpec) -> dict[str, str]:
@@ -124,7 +149,7 @@ def build_secret(spec: TaskSpec, namespace: str, job_uid: str | None = None) -> 
             f"task {spec.name}[{spec.task_id}] payload is {len(payload)} bytes; a Kubernetes "
             f"Secret holds at most {MAX_PAYLOAD_BYTES} bytes. Pass large data by reference "
             "(object storage, database) instead of in the task's arguments.")
-    metadata: dict[str, Any] = {"name": spec.job_name, "namespace": namespace,
+    metadata: dict[str, Any] = {"name": spec.secret_name or spec.job_name, "namespace": namespace,
                                 "labels": labels_for(spec), "annotations": annotations_for(spec)}
     if job_uid:
         metadata["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": spec.job_name,
@@ -174,9 +199,17 @@ def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None
     container["volumeMounts"] = mounts + [{"name": PAYLOAD_VOLUME, "mountPath": PAYLOAD_DIR, "readOnly": True}]
     volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != PAYLOAD_VOLUME]
     pod_spec["volumes"] = volumes + [{"name": PAYLOAD_VOLUME,
-                                      "secret": {"secretName": spec.job_name, "defaultMode": 0o440}}]
+                                      "secret": {"secretName": spec.secret_name or spec.job_name,
+                                                 "defaultMode": 0o440}}]
     apply_task_overrides(pod, spec.overrides)
     return job
+
+
+def payload_secret_name(job: dict) -> str | None:
+    """The name of the payload Secret a Job's pods mount."""
+    volumes = job.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+    volume = next((v for v in volumes if v.get("name") == PAYLOAD_VOLUME), None)
+    return (volume or {}).get("secret", {}).get("secretName")
 
 
 def apply_task_overrides(pod_template: dict, overrides: dict) -> None:

@@ -39,6 +39,13 @@ class Outcome:
     requeue: bool = False
     when: str | None = None
     reason: str = ""
+    #: The runner could not run the task at all (unknown task, unreadable payload,
+    #: the app failed to import): nothing reached the result backend.
+    not_run: bool = False
+    #: The task hit its soft time limit (``SoftTimeLimitExceeded`` was raised in it).
+    soft_limit_hit: bool = False
+    #: LOST only: the Job completed (its pod exited 0) but the pod and its outcome are gone.
+    job_completed: bool = False
 
     @property
     def exception(self) -> dict | None:
@@ -66,6 +73,10 @@ def encode(outcome: Outcome, limit: int = MESSAGE_LIMIT) -> str:
         doc["rq"] = True
     if outcome.when:
         doc["w"] = outcome.when
+    if outcome.not_run:
+        doc["nr"] = True
+    if outcome.soft_limit_hit:
+        doc["sl"] = True
     if outcome.traceback:
         room = limit - len(_dumps({**doc, "tb": ""}).encode())
         doc["tb"] = _clip_head(outcome.traceback, room)
@@ -118,7 +129,8 @@ def decode(message: str | None) -> Outcome | None:
     exc = doc.get("e") or {}
     return Outcome(state=doc["s"], runtime=float(doc.get("rt") or 0.0), result=doc.get("r", ""),
                    exc_type=exc.get("t"), exc_module=exc.get("m"), exc_args=exc.get("a"),
-                   traceback=doc.get("tb", ""), requeue=bool(doc.get("rq")), when=doc.get("w"))
+                   traceback=doc.get("tb", ""), requeue=bool(doc.get("rq")), when=doc.get("w"),
+                   not_run=bool(doc.get("nr")), soft_limit_hit=bool(doc.get("sl")))
 
 
 def job_condition(job: dict) -> dict | None:
@@ -129,16 +141,59 @@ def job_condition(job: dict) -> dict | None:
     return None
 
 
-def container_state(pod: dict) -> dict:
+def job_finished(job: dict) -> bool:
+    """Has the Job ended or begun to (``FailureTarget``/``SuccessCriteriaMet``: the Job
+    controller is removing its pods)? Such a Job is never adopted as running."""
+    return any(c.get("type") in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet")
+               and c.get("status") == "True" for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def deadline_exceeded(job: dict | None) -> dict | None:
+    """The Job's DeadlineExceeded condition: ``FailureTarget`` comes first (the Job
+    controller then kills the pods), ``Failed`` once they are gone."""
+    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") in ("FailureTarget", "Failed") and condition.get("status") == "True" \
+                and condition.get("reason") == "DeadlineExceeded":
+            return condition
+    return None
+
+
+def task_container_name(pod: dict) -> str | None:
+    """The task's container: the first of the pod spec's ``containers``."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return containers[0].get("name") if containers else None
+
+
+def container_status(pod: dict) -> dict:
+    """The task container's status, found by name: the kubelet sorts ``containerStatuses``
+    by container name, so a sidecar may come first."""
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return statuses[0].get("state", {}) if statuses else {}
+    name = task_container_name(pod)
+    if name is None:
+        return statuses[0] if statuses else {}
+    return next((status for status in statuses if status.get("name") == name), {})
+
+
+def container_state(pod: dict) -> dict:
+    return container_status(pod).get("state") or {}
 
 
 def pod_outcome(pod: dict) -> Outcome | None:
-    """The outcome a terminated pod reported, or ``None`` if it reported none."""
-    if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-        return None
+    """The outcome the task container reported once it terminated, or ``None``.
+
+    Read as soon as the task container has terminated, not when the pod has: a
+    sidecar that is an ordinary container keeps the pod running after the task ended.
+    """
     return decode(container_state(pod).get("terminated", {}).get("message"))
+
+
+def task_terminated(pod: dict | None) -> bool:
+    """Has the task container ended (restartPolicy Never: it will not run again)?"""
+    if not pod:
+        return False
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return True
+    return bool(container_state(pod).get("terminated"))
 
 
 def lost_reason(pod: dict | None) -> str:
@@ -180,21 +235,27 @@ def pending_reason(pod: dict | None) -> str:
 def classify(job: dict | None, pod: dict | None, job_deleted: bool = False) -> Outcome | None:
     """Decide the attempt's outcome from its Job and pod, or ``None`` if it is not over.
 
-    A pod's own outcome wins (it is what the task reported). Without one, the Job's
-    terminal condition decides: DeadlineExceeded is the hard time limit, anything
-    else means the pod was lost.
+    A pod's own outcome wins (it is what the task reported). A Job past its
+    ``activeDeadlineSeconds`` (or a pod past its own) is the hard time limit. A task
+    container that ended without an outcome, a failed or deleted Job: the pod was lost.
     """
     reported = pod_outcome(pod) if pod else None
     if reported:
         return reported
+    deadline = deadline_exceeded(job)
+    if deadline:
+        return Outcome(TIME_LIMIT, reason=deadline.get("message", "DeadlineExceeded"))
+    if pod and (pod.get("status") or {}).get("reason") == "DeadlineExceeded":
+        return Outcome(TIME_LIMIT, reason=(pod.get("status") or {}).get("message", "DeadlineExceeded"))
     condition = job_condition(job) if job else None
-    if condition and condition.get("reason") == "DeadlineExceeded":
-        return Outcome(TIME_LIMIT, reason=condition.get("message", "DeadlineExceeded"))
-    if condition or job_deleted:
+    if condition or job_deleted or task_terminated(pod):
         reason = lost_reason(pod)
-        if condition and condition["type"] == "Complete":
+        completed = bool(condition and condition["type"] == "Complete")
+        if completed and pod is None:
+            reason = "the Job completed, but its pod and the outcome it reported are gone"
+        elif completed:
             reason = "the pod exited successfully without reporting an outcome"
         elif job_deleted and pod is None:
             reason = "the Job was deleted"
-        return Outcome(LOST, reason=reason)
+        return Outcome(LOST, reason=reason, job_completed=completed and pod is None)
     return None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
+
 from kombu.message import Message
 from kombu.serialization import dumps
 
 from .config import ManifestStore, Settings
+from .deliveries import delivery_key
 from .manifest import PAYLOAD_KEY, TaskSpec, build_job, build_secret, task_overrides
 from .runner import load_app
 
@@ -29,12 +32,14 @@ def render_task(app_name: str, queue: str, task_name: str, args: list, kwargs: d
                               delivery_info={"exchange": "", "routing_key": queue}),
                       app=app, task=task, hostname="k8s-celery-render")
     soft, hard = request.time_limits
-    spec = TaskSpec(task_id=task_id, name=task_name, queue=queue, request=request.request_dict,
-                    body=body if isinstance(body, bytes) else body.encode(),
+    body = body if isinstance(body, bytes) else body.encode()
+    spec = TaskSpec(task_id=task_id, name=task_name, queue=queue, request=request.request_dict, body=body,
+                    delivery=delivery_key(task_id, task_name, request.request_dict, body),
                     content_type=content_type, content_encoding=content_encoding,
                     soft_time_limit=soft or task.soft_time_limit, time_limit=hard or task.time_limit,
                     overrides=task_overrides(task))
     namespace = settings.resolved_namespace()
+    spec.secret_name = f"{spec.job_name}-{secrets.token_hex(3)}"  # random per launch
     job = build_job(ManifestStore(settings).load(queue), spec, namespace, app=app_name,
                     runner_command=settings.runner_command, ttl_seconds=settings.job_ttl)
     secret = build_secret(spec, namespace, job_uid="<uid of the Job>")

@@ -8,7 +8,9 @@ at the soft limit, and writes the outcome to the termination-message file.
 
 Exit code: 0 when the task succeeded, retried or was ignored; 1 when it failed or
 was rejected (so ``kubectl get pods`` shows failed tasks as errors); 2 when the
-runner could not run the task at all.
+runner could not run the task at all. Signals are handled as in a prefork pool
+process (the runner is PID 1 of its container): SIGTERM ends the task with
+``SystemExit`` and no outcome, SIGUSR1 raises ``SoftTimeLimitExceeded``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import base64
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
+from datetime import datetime, timezone
 from typing import Any
 
 from kombu.utils.json import loads as json_loads
@@ -33,8 +38,13 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
 def read_payload(path: str) -> dict:
-    with open(path, "rb") as handle:
-        payload = json_loads(handle.read())
+    try:
+        with open(path, "rb") as handle:
+            payload = json_loads(handle.read())
+    except PermissionError as exc:
+        raise PermissionError(f"cannot read the payload {path} as uid {os.getuid()}: it is mounted "
+                              "with mode 0440; give the pod securityContext.fsGroup (the Helm chart "
+                              "sets 1000) or run it as root") from exc
     if not isinstance(payload, dict) or payload.get("version") != 1:
         raise ValueError(f"{path} is not a k8s-celery payload (version 1)")
     payload["body"] = base64.b64decode(payload["body"])
@@ -43,33 +53,102 @@ def read_payload(path: str) -> dict:
 
 def load_app(name: str):
     """Import the Celery app like ``celery -A`` does and finalize its task registry."""
-    from celery import signals
     from celery.app.utils import find_app
 
     sys.path.insert(0, os.getcwd())
     app = find_app(name)
     app.set_current()
     app.set_default()
-    # A redelivered message of a task that already succeeded is not run again.
-    app.conf.worker_deduplicate_successful_tasks = True
     app.conf.task_acks_late = True
     app.loader.import_default_modules()
     app.finalize(auto=True)
-    # Per-process set-up hooks (database connections, ...) expect this signal.
-    signals.worker_process_init.send(sender=None)
+    # A redelivered message of a task that already succeeded is not run again (Celery's
+    # tracer asks the result backend; without one it cannot, and would fail the task).
+    app.conf.worker_deduplicate_successful_tasks = _has_result_backend(app)
     return app
 
 
-def _soft_limit_handler(signum, frame):
-    from celery.exceptions import SoftTimeLimitExceeded
+class PodWorker:
+    """Stands in for the worker in the signals a pod sends: the pod runs one task, as a
+    prefork pool process does, so signal handlers (Celery's Django fix-up among them)
+    set it up as they set up a prefork worker and its child."""
 
-    raise SoftTimeLimitExceeded()
+    pool_cls = "celery.concurrency.prefork:TaskPool"
+
+    def __init__(self, app, hostname: str):
+        self.app = app
+        self.hostname = hostname
 
 
-def arm_soft_time_limit(seconds: float | None) -> None:
-    if seconds:
-        signal.signal(signal.SIGALRM, _soft_limit_handler)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+def start_worker_process(app) -> None:
+    """Send the signals a prefork worker and its pool process send before a task runs:
+    ``worker_init`` (e.g. the Django fix-up closes connections around each task) and
+    ``worker_process_init`` (per-process set-up: database connections, clients)."""
+    from celery import signals
+
+    signals.worker_init.send(sender=PodWorker(app, socket.gethostname()))
+    signals.worker_process_init.send(sender=None)
+
+
+def stop_worker_process(exitcode: int) -> None:
+    """``worker_process_shutdown``, as a prefork pool process sends it when it exits."""
+    from celery import signals
+
+    try:
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exitcode)
+    except Exception:  # the outcome is written already; a failing hook changes nothing
+        log.exception("a worker_process_shutdown handler failed")
+
+
+def _has_result_backend(app) -> bool:
+    from celery.backends.base import DisabledBackend
+
+    try:
+        return not isinstance(app.backend, DisabledBackend)
+    except Exception:  # a backend that cannot even be built fails the task later, as in a worker
+        return False
+
+
+def install_signal_handlers() -> None:
+    """Handle signals as a prefork pool process does; needed as PID 1 of a container.
+
+    A container's first process gets no default signal actions (pid_namespaces(7)):
+    SIGTERM from a Job deletion would do nothing until the grace period's SIGKILL.
+    Like billiard's pool processes: the terminating signals raise ``SystemExit`` in
+    the task (its ``finally`` blocks run, no result is stored), SIGUSR1 raises
+    ``SoftTimeLimitExceeded`` and SIGINT is ignored.
+    """
+    from billiard.common import reset_signals
+    from billiard.pool import soft_timeout_sighandler
+
+    reset_signals(full=True)
+    signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class SoftTimeLimit:
+    """Raises ``SoftTimeLimitExceeded`` in the task after ``seconds``, as prefork's parent
+    does: by sending this process SIGUSR1 (so the task's own SIGALRM stays its own)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.hit = False
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> SoftTimeLimit:
+        if self.seconds:
+            self._timer = threading.Timer(self.seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def _fire(self) -> None:
+        self.hit = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def describe(failed: int, retval: Any, runtime: float) -> outcomes.Outcome:
@@ -114,23 +193,36 @@ def _set_exception(result: outcomes.Outcome, exc: BaseException) -> None:
                        for a in exc.args]
 
 
-def already_succeeded(app, task_id: str) -> outcomes.Outcome | None:
-    """The stored success of this task, if the result backend has one.
+def ended_since(app, task_id: str, launched_at: str | None) -> outcomes.Outcome | None:
+    """How this attempt already ended, if the result backend says so since its Job was created.
 
-    Kubernetes may start a second pod for one Job ("the same program may sometimes
-    be started twice", say the Job docs), and a message may be redelivered after
-    its task succeeded; neither should run the task again.
+    * A success: Kubernetes may run a Job's pod twice ("the same program may sometimes be
+      started twice", say the Job docs; seen here when the API server restarts during a
+      pod's creation). Report the other pod's success instead of running the task again.
+    * A revoke: the worker revoked the task while its Job was being created or its pod
+      started (the pod may start before the Job's deletion reaches it). Like a prefork
+      worker discarding a revoked task, do not run it; ``REVOKED`` stays.
+
+    A state stored before the Job was created belongs to an earlier message that reused
+    the task id, and the task runs, as in any Celery worker.
     """
-    backend = app.backend
-    if not getattr(backend, "persistent", False):
+    if not launched_at or not _has_result_backend(app):
         return None
     try:
-        meta = backend.get_task_meta(task_id)
+        meta = app.backend.get_task_meta(task_id)
     except Exception as exc:  # the backend is unreachable: run, as a worker would
         log.warning("cannot read the state of %s from the result backend: %s", task_id, exc)
         return None
-    if meta.get("status") != "SUCCESS":
+    done = meta.get("date_done")
+    if meta.get("status") not in ("SUCCESS", "REVOKED") or not done:
         return None
+    done = done if isinstance(done, datetime) else datetime.fromisoformat(str(done).replace("Z", "+00:00"))
+    if done.tzinfo is None:
+        done = done.replace(tzinfo=timezone.utc)
+    if done < datetime.fromisoformat(launched_at.replace("Z", "+00:00")):
+        return None
+    if meta["status"] == "REVOKED":
+        return outcomes.Outcome(outcomes.IGNORED, result="revoked before it started")
     from celery.utils.saferepr import saferepr
 
     return outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result")))
@@ -148,6 +240,7 @@ def write_outcome(outcome: outcomes.Outcome, path: str) -> None:
 def run(payload_path: str | None = None, app_name: str | None = None,
         termination_log: str | None = None) -> int:
     """Run the task described by the payload; return the process exit code."""
+    install_signal_handlers()
     payload_path = payload_path or os.environ.get("K8S_CELERY_PAYLOAD", DEFAULT_PAYLOAD)
     termination_log = termination_log or os.environ.get("K8S_CELERY_TERMINATION_LOG",
                                                         DEFAULT_TERMINATION_LOG)
@@ -158,34 +251,40 @@ def run(payload_path: str | None = None, app_name: str | None = None,
             raise RuntimeError("no Celery app: pass -A or set K8S_CELERY_APP")
         payload = read_payload(payload_path)
         app = load_app(app_name)
+        start_worker_process(app)
         if payload["task"] not in app.tasks:
             from celery.exceptions import NotRegistered
 
-            raise NotRegistered(payload["task"])
+            raise NotRegistered(f"{payload['task']!r} is not registered in the app {app_name!r} this pod "
+                                "loads (is the pod's image older than the worker's?)")
     except Exception as exc:
+        # Nothing reached the result backend: the worker stores this failure, as Celery
+        # does for a pool process that could not run the task.
         log.error("cannot run the task: %s", exc)
         failure = outcomes.Outcome(outcomes.FAILURE, runtime=time.monotonic() - started,
-                                   traceback=traceback.format_exc())
+                                   traceback=traceback.format_exc(), not_run=True)
         _set_exception(failure, exc)
         write_outcome(failure, termination_log)
         return 2
 
     from celery.app.trace import trace_task_ret
 
-    done = already_succeeded(app, payload["id"])
+    done = ended_since(app, payload["id"], payload.get("launched_at"))
     if done is not None:
-        log.info("%s[%s] already succeeded; not running it again", payload["task"], payload["id"])
+        log.info("%s[%s] %s; not running it", payload["task"], payload["id"],
+                 "was revoked" if done.state == outcomes.IGNORED else "succeeded in another pod of this Job")
         write_outcome(done, termination_log)
+        stop_worker_process(0)
         return 0
     log.info("running %s[%s]", payload["task"], payload["id"])
-    arm_soft_time_limit(payload.get("soft_time_limit"))
-    try:
+    with SoftTimeLimit(payload.get("soft_time_limit")) as soft_limit:
         failed, retval, runtime = trace_task_ret(
             payload["task"], payload["id"], payload["request"], payload["body"],
             payload["content_type"], payload["content_encoding"], app=app)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
     result = describe(failed, retval, runtime or (time.monotonic() - started))
+    result.soft_limit_hit = soft_limit.hit
     write_outcome(result, termination_log)
     log.info("%s[%s] %s in %.3fs", payload["task"], payload["id"], result.state, runtime)
-    return 1 if result.state in (outcomes.FAILURE, outcomes.REJECTED) else 0
+    exitcode = 1 if result.state in (outcomes.FAILURE, outcomes.REJECTED) else 0
+    stop_worker_process(exitcode)
+    return exitcode

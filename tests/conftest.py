@@ -41,7 +41,9 @@ def taskapp(broker_url, redis_server):
 
 
 def write_manifest(directory: Path, queue: str, broker_url: str, image: str = IMAGE,
-                   extra_env: list | None = None, **pod_spec) -> Path:
+                   extra_env: list | None = None, sidecars: list | None = None, **pod_spec) -> Path:
+    """A queue's Job manifest running the test app; ``sidecars`` are more containers
+    after the task's (later in the list, whatever their names)."""
     manifest = {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"labels": {"app": "taskapp"}},
@@ -51,7 +53,7 @@ def write_manifest(directory: Path, queue: str, broker_url: str, image: str = IM
                 "env": [{"name": "CELERY_BROKER_URL", "value": broker_url},
                         {"name": "CELERY_RESULT_BACKEND", "value": broker_url},
                         {"name": "PYTHONPATH", "value": str(APPS)}] + (extra_env or []),
-            }], **pod_spec}}},
+            }] + (sidecars or []), **pod_spec}}},
     }
     path = directory / queue / "manifest.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,16 +66,16 @@ class Shim:
 
     def __init__(self, cluster, namespace: str, manifests: Path, log_dir: Path, broker_url: str,
                  queues: str = "kubernetes", max_jobs: int = 5, env: dict | None = None,
-                 args: tuple = (), plain_celery: bool = False):
+                 args: tuple = (), plain_celery: bool = False, app_name: str = "taskapp"):
         self.hostname = f"shim-{secrets.token_hex(3)}@local"
         self.log_path = log_dir / f"{self.hostname}.log"
-        self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", "taskapp", "-Q", queues,
+        self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", app_name, "-Q", queues,
                      "--manifests", str(manifests), "--namespace", namespace,
                      "--kubeconfig", str(cluster.kubeconfig), "--max-jobs", str(max_jobs),
                      "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip",
                      *args]
         if plain_celery:  # the stock `celery worker` with the pool selected by -P custom
-            self.argv = [sys.executable, "-m", "celery", "-A", "taskapp", "worker", "-P", "custom",
+            self.argv = [sys.executable, "-m", "celery", "-A", app_name, "worker", "-P", "custom",
                          "-Q", queues, "-c", str(max_jobs), "--prefetch-multiplier", "1", "-E",
                          "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip", *args]
             env = {"CELERY_CUSTOM_WORKER_POOL": "k8s_celery.pool:KubernetesPool",
@@ -158,6 +160,51 @@ def jobs_in(cluster, namespace: str) -> list[dict]:
     return jobs
 
 
+def running_pod_of(cluster, namespace: str, task_id: str, timeout: float = 60) -> dict:
+    """Wait for a Running pod of the task; return it."""
+    from k8s_celery.cluster import collection_path
+    from k8s_celery.manifest import task_selector
+
+    def find():
+        pods, _ = cluster.api.list(collection_path("pods", namespace), label_selector=task_selector(task_id))
+        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+    return wait_until(find, timeout=timeout, message=f"a running pod for {task_id}")
+
+
+class JobRecorder:
+    """Samples the namespace's Jobs in the background: which Job names each task id had."""
+
+    def __init__(self, cluster, namespace: str):
+        import threading
+
+        self.cluster, self.namespace = cluster, namespace
+        self.jobs: dict[str, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "JobRecorder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import time
+
+        from k8s_celery.manifest import ANNOTATION_TASK_ID
+
+        while not self._stop.is_set():
+            try:
+                for job in jobs_in(self.cluster, self.namespace):
+                    task_id = job["metadata"]["annotations"][ANNOTATION_TASK_ID]
+                    self.jobs.setdefault(task_id, set()).add(job["metadata"]["name"])
+            except Exception:
+                pass  # the API server may be restarting
+            time.sleep(0.1)
+
+
 def run_check(cluster, namespace: str, account: str, manifests: Path, work_dir: Path) -> subprocess.CompletedProcess:
     """`k8s-celery check` of the test app's `kubernetes` queue, as ServiceAccount ``account``."""
     kubeconfig = cluster.kubeconfig_for_token(cluster.service_account_token(namespace, account),
@@ -178,5 +225,83 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+class EventRecorder:
+    """Records the task events the workers send (``task-*``), per task id, in order."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app = app
+        self.events: dict[str, list[dict]] = {}
+        self._receiver = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="event recorder")
+        self._ready = threading.Event()
+
+    def __enter__(self) -> "EventRecorder":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            self._receiver = self.app.events.Receiver(connection, handlers={"*": self._on_event})
+            self._ready.set()
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("type", "").startswith("task-") and event.get("uuid"):
+            self.events.setdefault(event["uuid"], []).append(event)
+
+    def types(self, task_id: str) -> list[str]:
+        """The event types of one task, ``task-sent`` (the producer's) left out."""
+        return [e["type"] for e in self.events.get(task_id, []) if e["type"] != "task-sent"]
+
+
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+# -- RabbitMQ as broker (tests marked `rabbitmq`) --------------------------------------------
+
+@pytest.fixture
+def rabbit_setup(rabbitmq_server, redis_server, k8s_cluster, k8s_namespace, tmp_path, request):
+    """Make :class:`rabbit_setup.RabbitSetup` objects (a fresh vhost each, results in Redis):
+    ``rabbit_setup(app_env={...}, server=other_rabbitmq)``; all are closed after the test."""
+    from rabbit_setup import RabbitSetup
+
+    made = []
+
+    def make(app_env: dict | None = None, server=None) -> RabbitSetup:
+        made.append(RabbitSetup(server or rabbitmq_server, redis_server, k8s_cluster, k8s_namespace,
+                                tmp_path, app_env=app_env))
+        return made[-1]
+
+    yield make
+    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+    for setup in made:
+        setup.close(failed=failed)
+
+
+@pytest.fixture
+def rabbit(rabbit_setup):
+    """RabbitMQ (a fresh vhost of the session's node) as broker, Redis as result backend."""
+    return rabbit_setup()
+
+
+# -- A Django project on PostgreSQL (tests marked `django`) ----------------------------------
+
+@pytest.fixture
+def django_project(postgres_server, redis_server, k8s_cluster, k8s_namespace, tmp_path, request):
+    """tests/django_project deployed for one test (see tests/django_setup.py): its own
+    database, migrated; Redis as broker; django-celery-results as result backend."""
+    from django_setup import DjangoSetup
+
+    setup = DjangoSetup(postgres_server, redis_server, k8s_cluster, k8s_namespace, tmp_path)
+    setup.migrate()
+    yield setup
+    setup.close(failed=request.node.rep_call.failed if hasattr(request.node, "rep_call") else False)

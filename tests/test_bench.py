@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import AuditLog  # noqa: E402
-from bench.measure import split  # noqa: E402
+from bench.measure import no_op_spec, split  # noqa: E402
+from bench.realnode import (COMMANDS, FLOOR, GAP_PARTS, IMPORT, RUNNER, SECRET, SHIM, START, Sample,  # noqa: E402
+                            bare_job, containers_terminated, difference, epoch, gap_parts, p50s, printed_time,
+                            rotation, spread, terminal_condition)
+from bench.realnode import rows as node_rows  # noqa: E402
 from bench.stats import (Spread, markdown_table, percentile, ratios, spread_of_percentile,  # noqa: E402
                          steady_rate)
 
@@ -79,3 +84,123 @@ def test_split_gives_the_median_per_verb_and_resource():
     runs = [Counter({("create", "jobs"): 1.0, ("list", "jobs"): 0.1}), Counter({("create", "jobs"): 1.0}),
             Counter({("create", "jobs"): 1.0, ("list", "jobs"): 0.2})]
     assert split(runs) == "create jobs 1.00, list jobs 0.10"
+
+
+def test_printed_time_reads_the_last_stdout_line_of_a_cri_log():
+    log = ("2025-01-02T03:04:05.000000001Z stderr F warming up\n"
+           "2025-01-02T03:04:05.100000000Z stdout F 1735787045.0987\n"
+           "2025-01-02T03:04:05.200000000Z stderr F bye\n")
+    assert printed_time(log) == pytest.approx(1735787045.0987)
+    assert printed_time("") is None
+    assert printed_time("2025-01-02T03:04:05Z stdout F not a number\n") is None
+
+
+def test_terminal_condition_of_a_job():
+    assert terminal_condition([("SuccessCriteriaMet", "True"), ("Complete", "True")]) == "Complete"
+    assert terminal_condition([("Failed", "True")]) == "Failed"
+    assert terminal_condition([("Complete", "False"), ("Suspended", "True")]) is None
+    assert terminal_condition([]) is None
+
+
+def test_rotation_starts_each_round_one_later():
+    assert rotation(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert rotation(["a", "b", "c"], 1) == ["b", "c", "a"]
+    assert rotation(["a", "b", "c"], 5) == ["c", "a", "b"]
+
+
+def test_epoch_of_a_date_done():
+    assert epoch("2025-01-02T03:04:05.250000+00:00") == pytest.approx(1735787045.25)
+    assert epoch(datetime(2025, 1, 2, 3, 4, 5, 250000, tzinfo=timezone.utc)) == pytest.approx(1735787045.25)
+
+
+def node_run(offset: float = 0.0) -> list[Sample]:
+    """One made-up run: each variant's figures, in seconds from the start, two samples each."""
+    def sample(variant, total, to_end, pod_end=None, acked=None):
+        return Sample(variant, started=100.0, done=100.0 + total + offset, ended=100.0 + to_end + offset,
+                      stored=100.01, terminated=100.0 + (pod_end or total - 1.0) - 0.5,
+                      pod_ended=100.0 + (pod_end or total - 1.0), acked=acked)
+
+    return [sample(SHIM, 1.20, 1.19, 1.9, acked=102.5), sample(SHIM, 1.30, 1.29, 2.0, acked=102.6),
+            sample(FLOOR, 1.50, 0.60), sample(FLOOR, 1.70, 0.60),
+            sample(START, 1.00, 0.55), sample(START, 1.00, 0.55),
+            sample(IMPORT, 2.00, 0.90), sample(IMPORT, 2.00, 0.90),
+            sample(SECRET, 1.80, 0.70), sample(SECRET, 1.80, 0.70),
+            sample(RUNNER, 2.00, 1.20), sample(RUNNER, 2.00, 1.20)]
+
+
+def test_node_figures_are_per_run_medians_in_ms():
+    runs = [node_run(), node_run(0.1)]
+    assert p50s(runs, FLOOR, "total") == pytest.approx([1600.0, 1700.0])
+    assert p50s(runs, SHIM, "dispatch") == pytest.approx([10.0, 10.0])
+    assert p50s(runs, SHIM, "to_ack") == pytest.approx([2550.0, 2550.0])
+    tail = spread(runs, FLOOR, "tail")
+    assert (tail.median, tail.low, tail.high, tail.runs) == (pytest.approx(1000.0),) * 3 + (2,)
+    assert difference(runs, (SECRET, "to_end"), (FLOOR, "to_end")).median == pytest.approx(100.0)
+    assert p50s(runs, SHIM, "to_pod_end") == pytest.approx([1950.0, 1950.0])
+    assert p50s(runs, SHIM, "to_terminated") == pytest.approx([1450.0, 1450.0])
+
+
+def test_containers_terminated_needs_every_container():
+    done = {"state": {"terminated": {"exitCode": 0}}}
+    running = {"state": {"running": {}}}
+    assert containers_terminated({"containerStatuses": [done, done]})
+    assert not containers_terminated({"containerStatuses": [done, running]})
+    assert not containers_terminated({"phase": "Pending"})
+
+
+def test_node_rows_judge_the_ratio_of_the_medians():
+    fast, slow = [node_run(), node_run()], [node_run(), node_run()]
+    for run in slow:
+        for sample in run:
+            if sample.variant == SHIM:
+                sample.done += 1.0  # 2.25 s against the floor's 1.6 s
+    assert [row.met for row in node_rows(fast, 0.5, 0.7)][0] == "yes"
+    main = node_rows(slow, 0.5, 0.7)[0]
+    assert main.met == "no" and main.ratio.startswith("1.41")
+    assert "load average 0.5 → 0.7" in main.measurement and "2 run(s) of 2" in main.measurement
+
+
+def test_gap_parts_add_up_to_the_difference_between_shim_and_floor():
+    runs = [node_run(), node_run(0.1)]
+    parts = gap_parts(runs)
+    assert [name for name, _ in parts] == [name for name, _, _ in GAP_PARTS]
+    for index in range(len(runs)):
+        run = [runs[index]]
+        whole = difference(run, (SHIM, "total"), (FLOOR, "total")).median
+        assert sum(part.median for _, part in gap_parts(run)) == pytest.approx(whole)
+    assert dict(parts)["importing Celery and the app"].median == pytest.approx(300.0)
+
+
+def test_bare_jobs_keep_the_shim_s_pod_spec_and_change_only_command_and_secret():
+    from bench.benchapp import app
+
+    template = {"apiVersion": "batch/v1", "kind": "Job", "spec": {"template": {"spec": {
+        "securityContext": {"fsGroup": 1000},
+        "containers": [{"name": "task", "image": "bench:1", "imagePullPolicy": "Never",
+                        "env": [{"name": "CELERY_BROKER_URL", "value": "redis://x"}]}]}}}}
+    spec = no_op_spec(app)
+    runner = bare_job(template, spec, RUNNER)
+    floor = bare_job(template, spec, FLOOR)
+    runner_pod, floor_pod = runner["spec"]["template"]["spec"], floor["spec"]["template"]["spec"]
+    assert runner_pod["containers"][0]["command"] == ["k8s-celery", "run-task"]
+    assert {"name": "K8S_CELERY_APP", "value": "benchapp"} in runner_pod["containers"][0]["env"]
+    assert any("secret" in volume for volume in runner_pod["volumes"])
+    assert floor_pod["containers"][0]["command"][0] == "python3"
+    assert not floor_pod["volumes"] and not floor_pod["containers"][0]["volumeMounts"]
+    assert [e["name"] for e in floor_pod["containers"][0]["env"]] == ["CELERY_BROKER_URL"]
+    assert floor_pod["securityContext"] == runner_pod["securityContext"] == {"fsGroup": 1000}
+    assert floor_pod["containers"][0]["image"] == "bench:1"
+    secret_pod = bare_job(template, spec, SECRET)["spec"]["template"]["spec"]
+    assert any("secret" in volume for volume in secret_pod["volumes"])
+    assert secret_pod["containers"][0]["command"] == COMMANDS[SECRET]
+
+
+def test_unusable_says_why_a_real_node_cannot_run(monkeypatch):
+    import bench.realnode as realnode
+
+    monkeypatch.setattr(realnode.os, "geteuid", lambda: 1000)
+    assert "root" in realnode.unusable()
+    monkeypatch.setattr(realnode.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(realnode.shutil, "which", lambda tool: None if tool == "buildah" else f"/usr/bin/{tool}")
+    reason = realnode.unusable()
+    assert "buildah" in reason and "missing" in reason

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from k8s_celery.cluster import ApiError, KubeApi, RetryPolicy, Watcher, collection_path, load_configuration
+from k8s_celery.cluster import ApiError, KubeApi, RetryPolicy, collection_path, load_configuration
+from k8s_celery.watch import Watcher
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.cluster import free_port
 
@@ -80,3 +81,39 @@ def test_rate_limiter_bounds_the_request_rate():
     for _ in range(25):
         limiter.acquire()
     assert time.monotonic() - started >= 0.18  # 20 requests beyond the burst at 100/s
+
+
+@pytest.mark.cluster
+def test_watch_resumes_where_it_got_after_a_quiet_timeout(k8s_cluster, k8s_namespace):
+    """A watch that reads nothing for ``read_timeout`` is opened again from the last
+    resourceVersion it saw, not from the list's: no event is delivered twice."""
+    api = k8s_cluster.api
+    events: list[tuple[str, str]] = []
+    watcher = Watcher(KubeApi(load_configuration(str(k8s_cluster.kubeconfig), in_cluster=False)),
+                      collection_path("configmaps", k8s_namespace),
+                      lambda kind, obj: events.append((kind, obj["metadata"]["name"])), read_timeout=1).start()
+    try:
+        assert watcher.wait_synced(30)
+        for index in range(3):
+            api.create(collection_path("configmaps", k8s_namespace), {"metadata": {"name": f"q{index}"}})
+        wait_until(lambda: ("ADDED", "q2") in events, message="the events")
+        wait_until(lambda: watcher.restarts >= 2, timeout=30, message="two quiet timeouts")
+        api.create(collection_path("configmaps", k8s_namespace), {"metadata": {"name": "q3"}})
+        wait_until(lambda: ("ADDED", "q3") in events, message="the event after the timeouts")
+        assert [name for kind, name in events if kind == "ADDED"] == ["q0", "q1", "q2", "q3"]
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.cluster
+def test_watch_relists_every_resync_period(k8s_cluster, k8s_namespace):
+    """The periodic relist happens while a watch is open and quiet (the server ends the
+    watch by the resync deadline)."""
+    watcher = Watcher(KubeApi(load_configuration(str(k8s_cluster.kubeconfig), in_cluster=False)),
+                      collection_path("configmaps", k8s_namespace), lambda kind, obj: None,
+                      resync_period=1).start()
+    try:
+        assert watcher.wait_synced(30)
+        wait_until(lambda: watcher.relists >= 4, timeout=15, message="a relist every second")
+    finally:
+        watcher.stop()

@@ -10,8 +10,9 @@ import pytest
 
 from k8s_celery.config import validate_object
 from k8s_celery.errors import PayloadTooLarge, TaskLaunchError
-from k8s_celery.manifest import (ANNOTATION_TASK_ID, LABEL_TASK_HASH, MANAGED_BY, PAYLOAD_KEY,
-                                 TaskSpec, build_job, build_secret, job_name, label_value, task_hash)
+from k8s_celery.manifest import (ANNOTATION_TASK_ID, LABEL_DELIVERY, LABEL_TASK_HASH, MANAGED_BY, PAYLOAD_KEY,
+                                 TaskSpec, build_job, build_secret, job_name, label_value,
+                                 payload_secret_name, task_hash)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 TEMPLATE = {"apiVersion": "batch/v1", "kind": "Job",
@@ -23,23 +24,26 @@ TEMPLATE = {"apiVersion": "batch/v1", "kind": "Job",
 
 def spec(**changes) -> TaskSpec:
     values = dict(task_id="9c2b1c1e-0000-4000-8000-000000000001", name="proj.tasks.add",
-                  queue="kubernetes", request={"id": "x", "args": [1], "kwargs": {}}, body=b'[[1, 2], {}, {}]',
+                  queue="kubernetes", delivery=DELIVERY, secret_name="payload-1", request={"id": "x", "args": [1], "kwargs": {}}, body=b'[[1, 2], {}, {}]',
                   content_type="application/json", content_encoding="utf-8")
     values.update(changes)
     return TaskSpec(**values)
 
 
+DELIVERY = "0123456789abcdef0123"
+
+
 @pytest.mark.parametrize("task_id", ["simple", "UPPER/with spaces", "ü" * 80, "---", "a" * 300,
                                      "id.with.dots_and_underscores"])
 def test_job_names_are_dns_labels_and_deterministic(task_id):
-    name = job_name(task_id, 3)
+    name = job_name(task_id, DELIVERY, 3)
     assert DNS_LABEL.match(name) and len(name) <= 63
-    assert name == job_name(task_id, 3) and name != job_name(task_id, 4)
+    assert name == job_name(task_id, DELIVERY, 3) and name != job_name(task_id, DELIVERY, 4)
     assert name.endswith("-3")
 
 
-def test_distinct_ids_with_the_same_slug_get_distinct_names():
-    assert job_name("Task/1") != job_name("task-1")
+def test_deliveries_of_one_task_id_get_distinct_names():
+    assert job_name("task-1", DELIVERY) != job_name("task-1", "f" * 20)
 
 
 def test_label_values_are_valid():
@@ -53,7 +57,8 @@ def test_job_is_rendered_from_the_template():
                     runner_command=["k8s-celery", "run-task"], ttl_seconds=600)
     validate_object(job, "rendered", "1.33")
     meta = job["metadata"]
-    assert meta["name"] == job_name(spec().task_id, 2) and meta["namespace"] == "ns"
+    assert meta["name"] == job_name(spec().task_id, DELIVERY, 2) and meta["namespace"] == "ns"
+    assert meta["labels"][LABEL_DELIVERY] == DELIVERY
     assert meta["labels"]["team"] == "data" and meta["labels"][MANAGED_BY] == "k8s-celery"
     assert meta["labels"][LABEL_TASK_HASH] == task_hash(spec().task_id)
     assert meta["annotations"][ANNOTATION_TASK_ID] == spec().task_id
@@ -66,8 +71,9 @@ def test_job_is_rendered_from_the_template():
     assert container["command"] == ["k8s-celery", "run-task"] and "args" not in container
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["A"] == "1" and env["K8S_CELERY_APP"] == "proj"
-    assert {"name": "k8s-celery-payload", "secret": {"secretName": meta["name"], "defaultMode": 0o440}} \
+    assert {"name": "k8s-celery-payload", "secret": {"secretName": "payload-1", "defaultMode": 0o440}} \
         in pod["spec"]["volumes"]
+    assert payload_secret_name(job) == "payload-1"
     assert TEMPLATE["spec"]["template"]["spec"]["containers"][0]["args"] == ["ignored"], "template mutated"
 
 
@@ -84,6 +90,7 @@ def test_secret_holds_the_payload_without_decoded_args():
     assert base64.b64decode(payload["body"]) == spec().body
     assert "args" not in payload["request"]
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert secret["metadata"]["name"] == "payload-1"
 
 
 def test_oversized_payload_is_refused():

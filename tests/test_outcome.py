@@ -72,3 +72,38 @@ def test_pending_reasons():
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]}}
     assert o.pending_reason(unschedulable) == "Unschedulable: 0/1 nodes"
     assert o.pending_reason(None) == "no pod was created for the Job"
+
+
+def sidecar_pod(task_state: dict, phase: str = "Running") -> dict:
+    """A pod whose sidecar sorts before the task container, as the kubelet reports it."""
+    return {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "task"}, {"name": "aaa-proxy"}]},
+            "status": {"phase": phase, "containerStatuses": [
+                {"name": "aaa-proxy", "state": {"running": {}}}, {"name": "task", "state": task_state}]}}
+
+
+def test_the_task_container_is_found_by_name():
+    message = o.encode(o.Outcome(o.SUCCESS, result="5"))
+    done = sidecar_pod({"terminated": {"exitCode": 0, "message": message}})
+    assert o.classify({"status": {}}, done).result == "5", "reported while the sidecar still runs"
+    crashed = sidecar_pod({"terminated": {"exitCode": 137, "reason": "OOMKilled"}})
+    assert o.classify({"status": {}}, crashed).state == o.LOST
+    assert o.classify({"status": {}}, sidecar_pod({"running": {}})) is None
+
+
+def test_a_deadline_is_seen_as_soon_as_the_job_controller_decides():
+    target = {"status": {"conditions": [{"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"}]}}
+    assert o.classify(target, {"status": {"phase": "Running"}}).state == o.TIME_LIMIT
+    assert o.job_finished(target)
+    other = {"status": {"conditions": [{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    assert o.classify(other, {"status": {"phase": "Running"}}) is None and o.job_finished(other)
+
+
+def test_a_completed_job_whose_pod_is_gone_is_flagged():
+    complete = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    lost = o.classify(complete, None)
+    assert lost.state == o.LOST and lost.job_completed
+
+
+def test_runner_flags_survive_the_trip():
+    decoded = o.decode(o.encode(o.Outcome(o.FAILURE, not_run=True, soft_limit_hit=True)))
+    assert decoded.not_run and decoded.soft_limit_hit

@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
+import kombu
 import pytest
 
-from conftest import jobs_in
-from k8s_celery.manifest import ANNOTATION_TASK_ID
+from conftest import JobRecorder, jobs_in
 from k8s_celery.testing import wait_until
 
 pytestmark = pytest.mark.cluster
 
+#: How long kombu may take to restore a dead worker's messages: kombu 5.7 looks every
+#: ``unacked_restore_interval`` (1 s in the test app); earlier releases ignore it and look
+#: only every tenth 10 s tick, about every 100 s.
+RESTORE_SECONDS = 10 if tuple(map(int, kombu.__version__.split(".")[:2])) >= (5, 7) else 110
+
 SHORT_VISIBILITY = {"TASKAPP_VISIBILITY_TIMEOUT": "8",
                     # finished Jobs left by a killed worker are swept once redelivery is over
                     "K8S_CELERY_SWEEP_GRACE": "20", "K8S_CELERY_SWEEP_INTERVAL": "5"}
-
-
-class JobRecorder:
-    """Samples the namespace's Jobs in the background: which Job names each task had."""
-
-    def __init__(self, cluster, namespace):
-        self.cluster, self.namespace = cluster, namespace
-        self.jobs: dict[str, set[str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                for job in jobs_in(self.cluster, self.namespace):
-                    task_id = job["metadata"]["annotations"][ANNOTATION_TASK_ID]
-                    self.jobs.setdefault(task_id, set()).add(job["metadata"]["name"])
-            except Exception:
-                pass  # the API server may be restarting
-            time.sleep(0.1)
 
 
 def settled(redis_server, cluster, namespace) -> bool:
@@ -70,11 +46,14 @@ def test_sigkilled_worker_tasks_are_adopted_by_the_next(start_shim, taskapp, k8s
         second = start_shim(max_jobs=20, env=SHORT_VISIBILITY)
         assert [r.get(timeout=120) for r in results] == [1] * 20
         # The pods stored the results; the redelivered messages must be acked by the new worker.
-        wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=90,
+        wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=80 + RESTORE_SECONDS,
                    message="the redelivered messages to be acked")
     assert [runs(taskapp, f"k{i}") for i in range(20)] == [1] * 20
     assert all(len(names) == 1 for names in recorder.jobs.values()), recorder.jobs
-    assert "adopting running Job" in second.log() or "already ran in Job" in second.log()
+    # The redelivery adopts a Job, or reads a finished one; on kombu < 5.7 the messages come back
+    # about 100 s later, when the sweep has removed the finished Jobs and the result backend answers.
+    decisions = ("adopting running Job", "already ran in Job", "redelivered after it succeeded")
+    assert any(decision in second.log() for decision in decisions), second.log()
 
 
 def test_sigterm_leaves_pods_running_for_the_next_worker(start_shim, taskapp, k8s_cluster, k8s_namespace,
@@ -113,7 +92,7 @@ def test_two_replicas_one_killed_halfway(start_shim, taskapp, k8s_cluster, k8s_n
             pytest.fail(f"not done: {[r.id for r in results if not r.ready()]}")
         twice = [r.id for i, r in enumerate(results) if runs(taskapp, f"r{i}") != 1]
         assert not twice, f"ran more than once: {twice}"
-        wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=120,
+        wait_until(lambda: settled(redis_server, k8s_cluster, k8s_namespace), timeout=110 + RESTORE_SECONDS,
                    message=lambda: f"every message acked; last state {settled.last}")
     assert [runs(taskapp, f"r{i}") for i in range(100)] == [1] * 100
     assert all(len(names) == 1 for names in recorder.jobs.values())

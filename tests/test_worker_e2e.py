@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from conftest import jobs_in
+from conftest import jobs_in, running_pod_of
 from k8s_celery.cluster import collection_path
-from k8s_celery.manifest import ANNOTATION_TASK_ID, LABEL_QUEUE, LABEL_TASK_HASH, MANAGED_BY, task_hash
+from k8s_celery.manifest import (ANNOTATION_TASK_ID, LABEL_QUEUE, LABEL_TASK_HASH, MANAGED_BY, payload_secret_name,
+                                 task_hash)
 from k8s_celery.testing import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -26,21 +27,14 @@ def test_result_arrives_and_job_carries_labels(start_shim, taskapp, k8s_cluster,
     assert job["metadata"]["annotations"][ANNOTATION_TASK_ID] == result.id
     secrets, _ = k8s_cluster.api.list(collection_path("secrets", k8s_namespace),
                                       label_selector=f"{LABEL_TASK_HASH}={task_hash(result.id)}")
-    assert [s["metadata"]["name"] for s in secrets] == [job["metadata"]["name"]]
+    assert [s["metadata"]["name"] for s in secrets] == [payload_secret_name(job)]
+    assert payload_secret_name(job).startswith(job["metadata"]["name"] + "-")
     assert secrets[0]["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     payload = secrets[0]["data"]["payload.json"]
     assert payload not in json.dumps(job) and result.id not in json.dumps(job["spec"]["template"]["spec"])
     assert result.get(timeout=60) == 2
     add = taskapp.add.delay(2, 3)
     assert add.get(timeout=60) == 5
-
-
-def running_pod_of(cluster, namespace: str, task_id: str) -> dict:
-    def find():
-        pods, _ = cluster.api.list(collection_path("pods", namespace),
-                                   label_selector=f"{LABEL_TASK_HASH}={task_hash(task_id)}")
-        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
-    return wait_until(find, timeout=60, message=f"a running pod for {task_id}")
 
 
 def unacked(redis_server) -> int:

@@ -2,8 +2,11 @@
 
 ``LocalCluster`` runs a real etcd, kube-apiserver and kube-controller-manager built
 from the upstream Go modules, plus ``ProcessKubelet``, which runs each container as
-a local process. The pytest plugin (installed with the package) provides the
-``k8s_cluster``, ``k8s_namespace`` and ``redis_server`` fixtures.
+a local process, or a real node (``LocalCluster(node="real")``). ``RedisServer``,
+``RabbitMQServer`` and ``PostgresServer`` start real servers on free loopback ports.
+The pytest plugin (installed with the package) provides the ``k8s_cluster``,
+``k8s_namespace``, ``k8s_real_cluster``, ``redis_server``, ``rabbitmq_server`` and
+``postgres_server`` fixtures.
 """
 
 from __future__ import annotations
@@ -31,18 +34,17 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
+_LAZY = {"LocalCluster": ".cluster", "ProcessKubelet": ".kubelet", "RedisServer": ".redis",
+         "RabbitMQServer": ".rabbitmq", "PostgresServer": ".postgres"}
+
+
 def __getattr__(name: str):
     # Lazy, so that importing wait_until does not need the testing extras.
-    if name == "LocalCluster":
-        from .cluster import LocalCluster
-        return LocalCluster
-    if name == "ProcessKubelet":
-        from .kubelet import ProcessKubelet
-        return ProcessKubelet
-    if name == "RedisServer":
-        from .redis import RedisServer
-        return RedisServer
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["LocalCluster", "ProcessKubelet", "RedisServer", "wait_until"]
+__all__ = [*_LAZY, "wait_until"]

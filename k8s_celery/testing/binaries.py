@@ -7,6 +7,8 @@ Go module proxy with the machine's Go toolchain into a cache outside the source 
 
 ``python -m k8s_celery.testing.binaries`` builds (when needed) and prints the directory.
 helm (for the chart's tests) has its own cache directory and ``K8S_CELERY_HELM``.
+The real node's kubelet, kube-scheduler and kube-proxy (``--node``) come from the same
+pinned module into their own cache directory (or ``K8S_CELERY_NODE_BIN_DIR``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ KUBERNETES_VERSION = "v1.33.13"
 #: The etcd server release that the pinned Kubernetes release itself depends on.
 ETCD_VERSION = "v3.5.21"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+#: What a real node runs besides containerd and runc (which come from the distribution).
+NODE_BINARIES = ("kubelet", "kube-scheduler", "kube-proxy")
 HELM_VERSION = "v3.22.0"
 #: The Kubernetes minor of the client-go that helm release builds with (its Makefile's default).
 HELM_KUBERNETES_MINOR = "37"
@@ -113,12 +117,41 @@ def _version_ldflags() -> str:
 
 def build_binaries(target: Path) -> Path:
     """Compile the pinned releases into ``target`` (replaced atomically)."""
+    return _build(target, ["./cmd/etcd", "k8s.io/kubernetes/cmd/kube-apiserver",
+                           "k8s.io/kubernetes/cmd/kube-controller-manager", "k8s.io/kubernetes/cmd/kubectl"],
+                  f"Kubernetes {KUBERNETES_VERSION} and etcd {ETCD_VERSION}")
+
+
+def node_build_dir() -> Path:
+    return cache_root() / f"node-{KUBERNETES_VERSION}" / "bin"
+
+
+def node_binary_dir(build: bool = False) -> Path:
+    """The directory holding kubelet, kube-scheduler and kube-proxy, building it if asked to.
+
+    Built from the same wrapper module as the control plane, so that the node and the
+    API server are one Kubernetes release (upstream builds these with CGO off as well).
+    """
+    configured = os.environ.get("K8S_CELERY_NODE_BIN_DIR")
+    directory = Path(configured) if configured else node_build_dir()
+    missing = [name for name in NODE_BINARIES if not os.access(directory / name, os.X_OK)]
+    if not missing:
+        return directory
+    if configured:
+        raise BinariesMissing(f"K8S_CELERY_NODE_BIN_DIR={configured} lacks {', '.join(missing)}")
+    if not build:
+        raise BinariesMissing(f"{', '.join(missing)} not built in {directory}; run "
+                              "`python -m k8s_celery.testing.binaries --node`")
+    return _build(directory, [f"k8s.io/kubernetes/cmd/{name}" for name in NODE_BINARIES],
+                  f"the Kubernetes {KUBERNETES_VERSION} node")
+
+
+def _build(target: Path, packages: list[str], what: str) -> Path:
     go = _go()
     env = dict(os.environ, GOFLAGS="-mod=mod", CGO_ENABLED="0", GOTOOLCHAIN="local")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="k8s-celery-build-") as work:
-        print(f"building Kubernetes {KUBERNETES_VERSION} and etcd {ETCD_VERSION} in {work}",
-              file=sys.stderr)
+        print(f"building {what} in {work}", file=sys.stderr)
         download = subprocess.run(
             [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
             cwd=work, env=env, check=True, capture_output=True, text=True)
@@ -131,9 +164,7 @@ def build_binaries(target: Path) -> Path:
         partial.mkdir(parents=True)
         subprocess.run(
             [go, "build", "-trimpath", "-tags", "selinux,notest", "-ldflags", _version_ldflags(),
-             "-o", f"{partial}/", "./cmd/etcd", "k8s.io/kubernetes/cmd/kube-apiserver",
-             "k8s.io/kubernetes/cmd/kube-controller-manager", "k8s.io/kubernetes/cmd/kubectl"],
-            cwd=work, env=env, check=True)
+             "-o", f"{partial}/", *packages], cwd=work, env=env, check=True)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
@@ -174,8 +205,12 @@ def go_module_dir(module: str, version: str) -> Path:
     return Path(json.loads(download.stdout)["Dir"])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if "--node" in argv:
+            print(node_binary_dir(build=True))
+            return 0
         helm_binary(build=True)
         print(binary_dir(build=True))
     except (BinariesMissing, subprocess.CalledProcessError) as exc:

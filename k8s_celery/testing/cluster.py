@@ -9,6 +9,10 @@ namespace and service-account controllers) on loopback, plus a
         api = cluster.api                      # admin KubeApi
         print(cluster.kubeconfig)              # for the kubernetes client or kubectl
         cluster.kubelet.evict("default", "my-pod")
+
+``LocalCluster(node="real")`` runs a real node instead: kube-scheduler, kubelet and
+kube-proxy of the same release with containerd and runc (see
+:mod:`k8s_celery.testing.realnode`); it needs root and takes the machine-wide lock.
 """
 
 from __future__ import annotations
@@ -38,8 +42,17 @@ CONTROLLERS = (
     "job-controller", "ttl-after-finished-controller", "garbage-collector-controller",
     "pod-garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
     "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
-    "deployment-controller", "replicaset-controller",
+    "deployment-controller", "replicaset-controller", "resourcequota-controller",
 )
+#: With a real node, its not-ready taint must go once it is Ready (the scheduler obeys it).
+REAL_NODE_CONTROLLERS = ("node-lifecycle-controller",)
+NODES = ("process", "real")
+
+
+def with_flags(argv: list[str], flags: dict[str, str]) -> list[str]:
+    """``argv`` with each ``--name=value`` of ``flags`` replacing (or appended to) its own."""
+    kept = [arg for arg in argv if arg.split("=", 1)[0] not in flags]
+    return kept + [f"{name}={value}" for name, value in flags.items()]
 
 
 def free_port() -> int:
@@ -92,7 +105,10 @@ class LocalCluster:
 
     Use as a context manager; on exit every process it started is stopped and its
     temporary directory removed. ``kubelet=False`` starts no kubelet (pods stay
-    Pending); ``kubelet_options`` go to :class:`ProcessKubelet`. ``watch_cache=False``
+    Pending); ``kubelet_options`` go to :class:`ProcessKubelet`. ``node="real"`` runs a
+    :class:`~k8s_celery.testing.realnode.RealNode` (``node_options`` go to it) instead,
+    with the real kube-scheduler; the API server then listens on the node's address,
+    which :attr:`server` and every kubeconfig name. ``watch_cache=False``
     (the default) serves watches straight from etcd, so that etcd compaction makes
     an old resourceVersion answer 410 Gone as it would on a busy cluster.
     ``audit_log=True`` records every request in :attr:`audit_log_path`.
@@ -101,7 +117,10 @@ class LocalCluster:
     def __init__(self, *, kubelet: bool = True, kubelet_options: dict | None = None,
                  bin_dir: str | Path | None = None, workdir: str | Path | None = None,
                  watch_cache: bool = False, audit_log: bool = False,
-                 startup_timeout: float = 90.0, build: bool = True):
+                 startup_timeout: float = 90.0, build: bool = True,
+                 node: str = "process", node_options: dict | None = None):
+        if node not in NODES:
+            raise ValueError(f"node must be one of {NODES}, not {node!r}")
         self.bin_dir = Path(bin_dir) if bin_dir else binaries.binary_dir(build=build)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="k8s-celery-cluster-"))
@@ -117,6 +136,12 @@ class LocalCluster:
         self.server = f"https://127.0.0.1:{self.port}"
         self.processes: dict[str, ManagedProcess] = {}
         self.kubelet: ProcessKubelet | None = None
+        self.real_node = None
+        if kubelet and node == "real":
+            from .realnode import RealNode
+
+            self.real_node = RealNode(self.workdir / "node", **{"build": build, **(node_options or {})})
+            self.server = f"https://{self.real_node.node_address}:{self.port}"
         self.api: KubeApi | None = None
         self._started = False
 
@@ -139,23 +164,34 @@ class LocalCluster:
         return self
 
     def _start(self) -> None:
+        if self.real_node:
+            self.real_node.prepare_host()
         self.pki = pki.generate(self.workdir / "pki")
-        (self.workdir / "tokens.csv").write_text(
-            f"{self.admin_token},admin,admin-uid,system:masters\n"
-            f"{self.controller_token},system:kube-controller-manager,kcm-uid,system:masters\n")
+        node_tokens = self.real_node.token_lines() if self.real_node else []
+        (self.workdir / "tokens.csv").write_text("".join(line + "\n" for line in [
+            f"{self.admin_token},admin,admin-uid,system:masters",
+            f"{self.controller_token},system:kube-controller-manager,kcm-uid,system:masters", *node_tokens]))
         self._write_kubeconfig(self.kubeconfig, self.admin_token, "admin")
         self._write_kubeconfig(self.workdir / "controller-manager.kubeconfig", self.controller_token,
                                "system:kube-controller-manager")
         started = time.monotonic()
         self._spawn("etcd", self._etcd_argv())
-        self._spawn("kube-apiserver", self._apiserver_argv())
+        apiserver_argv = self._apiserver_argv()
+        if self.real_node:
+            apiserver_argv = with_flags(apiserver_argv, self.real_node.apiserver_flags(self.pki))
+        self._spawn("kube-apiserver", apiserver_argv)
         self.api = KubeApi(load_configuration(str(self.kubeconfig), in_cluster=False),
                            retry=RetryPolicy(attempts=3, initial_wait=0.1, max_wait=1.0))
         self.wait_ready()
         self._spawn("kube-controller-manager", self._controller_manager_argv())
         self._wait_for(lambda: self._exists("serviceaccounts", "default", "default"),
                        "the service-account controller to create default/default")
-        if self.with_kubelet:
+        if self.real_node:
+            scheduler_kubeconfig = self.kubeconfig_for_token(
+                self.real_node.tokens["kube-scheduler"], self.workdir / "scheduler.kubeconfig", "kube-scheduler")
+            self._spawn("kube-scheduler", self.real_node.scheduler_argv(scheduler_kubeconfig))
+            self.real_node.start(self)
+        elif self.with_kubelet:
             options = dict(self.kubelet_options)
             options.setdefault("api_server_port", self.port)
             # The kubelet rides out API-server restarts, as a real one does.
@@ -171,9 +207,14 @@ class LocalCluster:
         if self.kubelet:
             self.kubelet.stop()
             self.kubelet = None
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        if self.real_node:
+            apiserver = self.processes.get("kube-apiserver")
+            self.real_node.stop(self.api if apiserver and apiserver.alive else None)
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in self.processes:
                 self.processes[name].stop(timeout=3.0)
+        if self.real_node:
+            self.real_node.release_host()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         self._started = False
@@ -313,10 +354,11 @@ class LocalCluster:
         return argv
 
     def _controller_manager_argv(self) -> list[str]:
+        controllers = CONTROLLERS + (REAL_NODE_CONTROLLERS if self.real_node else ())
         return [
             str(self.bin_dir / "kube-controller-manager"),
             f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
-            f"--controllers={','.join(CONTROLLERS)}",
+            f"--controllers={','.join(controllers)}",
             f"--service-account-private-key-file={self.pki.service_account_key}",
             f"--root-ca-file={self.pki.ca_cert}", "--leader-elect=false",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",

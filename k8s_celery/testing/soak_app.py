@@ -11,13 +11,19 @@ from celery import Celery
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+#: Seconds kombu's restore lock outlives a worker killed while holding it.
+UNACKED_MUTEX_EXPIRE = 10
 
 app = Celery("soak", broker=BROKER, backend=BROKER)
 app.conf.update(
     task_default_queue="kubernetes",
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": float(os.environ.get("SOAK_VISIBILITY_TIMEOUT", 10)),
-                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+                              # A worker SIGKILLed while restoring abandoned messages keeps
+                              # kombu's restore lock until it expires (300 s by default):
+                              # nothing is redelivered meanwhile.
+                              "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE},
     # Redis restarts during the soak: results are stored once it is back.
     result_backend_always_retry=True,
     result_backend_max_retries=60,

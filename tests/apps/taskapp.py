@@ -25,13 +25,38 @@ app.conf.update(
     result_accept_content=["json", "pickle"],
     broker_transport_options={"visibility_timeout": float(os.environ.get("TASKAPP_VISIBILITY_TIMEOUT", 3600)),
                               # sweep for abandoned messages every second (default: ~100 s)
-                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+                              # a worker SIGKILLed while restoring holds the lock this long
+                              "unacked_mutex_expire": 10},
 )
 
+
+if os.environ.get("TASKAPP_TOPIC"):
+    # Two queues bound to one topic exchange by patterns, as some deployments route.
+    from kombu import Exchange, Queue
+
+    _topic = Exchange("tasks", type="topic")
+    app.conf.task_queues = [Queue("k8s-reports", _topic, routing_key="reports.#"),
+                            Queue("k8s-images", _topic, routing_key="images.*")]
 
 if os.environ.get("TASKAPP_BEAT"):
     app.conf.beat_schedule = {"count-every-2s": {"task": "taskapp.count", "schedule": 2.0,
                                                  "args": ("beat",)}}
+
+
+if os.environ.get("TASKAPP_SIGNAL_LOG"):
+    # Which worker signals reach this process, in order (the runner's tests read it).
+    from celery import signals
+
+    def _record(name):
+        def handler(sender=None, **kwargs):
+            detail = getattr(sender, "pool_cls", "") if name == "worker_init" else kwargs.get("exitcode", "")
+            with open(os.environ["TASKAPP_SIGNAL_LOG"], "a") as log:
+                log.write(f"{name} {detail}".strip() + "\n")
+        return handler
+
+    for _name in ("worker_init", "worker_process_init", "worker_process_shutdown"):
+        getattr(signals, _name).connect(_record(_name), weak=False)
 
 
 def store() -> redis.Redis:
@@ -73,6 +98,14 @@ def sleep(seconds):
     return seconds
 
 
+@app.task(name="taskapp.allocate")
+def allocate(megabytes):
+    """Fill ``megabytes`` of memory (every page written), hold it a moment, return the size."""
+    block = b"\x01" * (megabytes * 2**20)
+    time.sleep(1)
+    return len(block) // 2**20
+
+
 @app.task(name="taskapp.soft_limited", soft_time_limit=1)
 def soft_limited():
     try:
@@ -85,6 +118,27 @@ def soft_limited():
 @app.task(name="taskapp.hard_limited", time_limit=2)
 def hard_limited():
     time.sleep(60)
+
+
+@app.task(name="taskapp.stubborn")
+def stubborn(seconds):
+    """Sleeps through its soft time limit: only the hard limit stops it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except SoftTimeLimitExceeded:
+            pass
+    return "done"
+
+
+@app.task(name="taskapp.catch_soft")
+def catch_soft(seconds):
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "caught soft limit"
+    return "not interrupted"
 
 
 @app.task(name="taskapp.reject")
@@ -108,6 +162,35 @@ def resources():
 @app.task(name="taskapp.local_add")
 def local_add(x, y):
     return x + y
+
+
+@app.task(name="taskapp.local_hard_limited", time_limit=2)
+def local_hard_limited():
+    """hard_limited for a prefork worker (routed to the `default` queue)."""
+    time.sleep(60)
+
+
+@app.task(name="taskapp.retry_now", bind=True)
+def retry_now(self, key):
+    """Retries at once (countdown 0): the new message, same task id, arrives while the
+    first pod is still ending."""
+    if store().incr(f"attempts:{key}") == 1:
+        raise self.retry(countdown=0)
+    return f"ran {self.request.retries + 1} times"
+
+
+@app.task(name="taskapp.replace_with_add", bind=True)
+def replace_with_add(self, x, y):
+    """Replaces itself with add(x, y): the replacement runs under this task's id."""
+    raise self.replace(add.s(x, y))
+
+
+if os.environ.get("TASKAPP_REGISTER_HIDDEN", "1") == "1":
+    @app.task(name="taskapp.hidden")
+    def hidden():
+        """Registered in the worker, absent from pods started with TASKAPP_REGISTER_HIDDEN=0
+        (a pod image older than the worker's)."""
+        return "visible"
 
 
 @control_command(args=[("seconds", float)], signature="<seconds>")

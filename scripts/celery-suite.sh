@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Celery's own integration tests (t/integration/test_tasks.py and test_canvas.py from the
+# sdist of the installed Celery, downloaded once into ~/.cache/k8s-celery) against
+# k8s-celery on the local cluster, or with `--pool prefork` against the stock pool as a
+# baseline. Celery's @flaky reruns are off (pytest-rerunfailures disabled); every test has a
+# timeout. Prints `N passed of M (excluded: K)`; exits 1 if a test that is not excluded failed.
+#
+#   bash scripts/celery-suite.sh                        # the whole suite on the shim
+#   bash scripts/celery-suite.sh --pool prefork         # the baseline
+#   bash scripts/celery-suite.sh --ci                   # the part that fits the CI budget
+#   bash scripts/celery-suite.sh --only test_tasks.py -k retry -- -x   # after --: pytest options
+#   bash scripts/celery-suite.sh --list-excluded        # the exclusions and their reasons
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+exec .venv/bin/python -m k8s_celery.testing.celery_suite "$@"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The Celery version matrix of tox.ini: the unit tests and the core end-to-end subset on
+# each pinned Celery (celery55: 5.5.3 with kombu 5.5.4 and billiard 4.2.1; celery56: 5.6.3;
+# celery57: 5.7.0). tox itself lives in a virtualenv of its own under ~/.cache/k8s-celery.
+#
+#   bash scripts/test-matrix.sh                 # celery55 and celery57
+#   bash scripts/test-matrix.sh celery55 -k rabbit -x    # one leg; further arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/k8s-celery/tox-venv"
+[[ -x "$TOOLS/bin/tox" ]] || { "$PYTHON" -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q --disable-pip-version-check "tox>=4"; }
+envs="${1:-celery55,celery57}"
+shift || true
+if (( $# )); then
+    exec "$TOOLS/bin/tox" -e "$envs" -- "$@"
+fi
+exec "$TOOLS/bin/tox" -e "$envs"

@@ -1,0 +1,64 @@
+"""The informer's cache of Jobs and pods (pure logic; the watches are tested in test_cluster)."""
+
+from __future__ import annotations
+
+from k8s_celery.informer import ObjectCache, slim_pod
+
+
+def job(name: str, uid: str, **status) -> dict:
+    return {"metadata": {"name": name, "uid": uid, "labels": {"x": "y"}, "managedFields": [{}]},
+            "spec": {"template": {}}, "status": status}
+
+
+def pod(name: str, uid: str, job_uid: str, created: str = "2026-01-01T00:00:00Z", phase: str = "Running") -> dict:
+    return {"metadata": {"name": name, "uid": uid, "creationTimestamp": created,
+                         "labels": {"batch.kubernetes.io/job-name": "j"},
+                         "ownerReferences": [{"kind": "Job", "uid": job_uid, "controller": True}]},
+            "spec": {"containers": [{"name": "task", "image": "i"}, {"name": "aaa", "image": "s"}]},
+            "status": {"phase": phase, "containerStatuses": [{"name": "aaa", "state": {}, "image": "s"}]}}
+
+
+def test_a_relist_only_deletes_what_the_cache_had_seen():
+    cache = ObjectCache()
+    cache.put_job(job("a", "uid-a"))
+    changed = cache.replace_jobs([job("b", "uid-b")])  # "a" went while no watch was open
+    assert changed == {"a", "b"}
+    assert cache.job("uid-a") == (cache.job("uid-a")[0], True)
+    assert cache.job("uid-b")[1] is False
+    assert cache.job("uid-never-seen") == (None, False), "created after the list: not deleted"
+
+
+def test_a_job_of_the_same_name_is_another_job():
+    cache = ObjectCache()
+    cache.put_job(job("a", "uid-1"))
+    cache.delete_job(job("a", "uid-1"))
+    cache.put_job(job("a", "uid-2"))
+    assert cache.job("uid-1")[1] is True and cache.job("uid-2")[1] is False
+
+
+def test_pods_are_found_by_their_job_and_the_newest_wins():
+    cache = ObjectCache()
+    cache.put_pod(pod("old", "p1", "uid-a", "2026-01-01T00:00:00Z"))
+    cache.put_pod(pod("new", "p2", "uid-a", "2026-01-01T00:00:05Z"))
+    cache.put_pod(pod("other", "p3", "uid-b"))
+    assert cache.latest_pod("uid-a")["metadata"]["name"] == "new"
+    cache.put_pod(pod("new", "p2", "uid-a", "2026-01-01T00:00:05Z", phase="Failed"), deleted=True)
+    assert cache.latest_pod("uid-a")["status"]["phase"] == "Failed", "a deleted pod keeps its last state"
+    assert cache.pod_deleted("p2")
+
+
+def test_slim_objects_keep_what_outcomes_read():
+    slim = slim_pod(pod("p", "p1", "uid-a"))
+    assert slim["spec"] == {"containers": [{"name": "task"}]}
+    assert slim["metadata"]["ownerUid"] == "uid-a" and "managedFields" not in slim["metadata"]
+    assert slim["status"]["containerStatuses"] == [{"name": "aaa", "state": {}}]
+
+
+def test_tombstones_are_pruned():
+    now = [0.0]
+    cache = ObjectCache(clock=lambda: now[0])
+    cache.delete_job(job("a", "uid-a"))
+    cache.put_pod(pod("p", "p1", "uid-a"), deleted=True)
+    now[0] = 1000.0
+    cache.prune(older_than=600)
+    assert cache.job("uid-a") == (None, False) and cache.latest_pod("uid-a") is None
