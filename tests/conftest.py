@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -126,23 +127,48 @@ def manifests(tmp_path, broker_url):
     return directory
 
 
-@pytest.fixture
-def start_shim(k8s_cluster, k8s_namespace, manifests, tmp_path, broker_url, taskapp, request):
-    """Start `k8s-celery worker` processes; all are stopped after the test."""
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate ``process``; kill it if it is still there after ``timeout`` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def call_failed(request) -> bool:
+    """Did the call phase of the requesting test fail (set by ``pytest_runtest_makereport``)?"""
+    report = getattr(request.node, "rep_call", None)
+    return report is not None and report.failed
+
+
+@contextlib.contextmanager
+def shims_started(cluster, namespace: str, manifests: Path, tmp_path, broker_url, taskapp, request):
+    """A ``start(wait=True, **options)`` that starts `k8s-celery worker` processes; all
+    are stopped on exit, and their logs printed if the test failed."""
     shims: list[Shim] = []
 
     def start(wait: bool = True, **options) -> Shim:
         options.setdefault("manifests", manifests)
-        shim = Shim(k8s_cluster, k8s_namespace, log_dir=tmp_path, broker_url=broker_url, **options)
+        shim = Shim(cluster, namespace, log_dir=tmp_path, broker_url=broker_url, **options)
         shims.append(shim)
         return shim.start(taskapp.app, wait=wait)
 
     yield start
     for shim in shims:
         shim.stop()
-    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+    if call_failed(request):
         for shim in shims:
             print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")
+
+
+@pytest.fixture
+def start_shim(k8s_cluster, k8s_namespace, manifests, tmp_path, broker_url, taskapp, request):
+    """Start `k8s-celery worker` processes; all are stopped after the test."""
+    with shims_started(k8s_cluster, k8s_namespace, manifests, tmp_path, broker_url, taskapp, request) as start:
+        yield start
 
 
 @pytest.hookimpl(wrapper=True)
@@ -282,7 +308,7 @@ def rabbit_setup(rabbitmq_server, redis_server, k8s_cluster, k8s_namespace, tmp_
         return made[-1]
 
     yield make
-    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+    failed = call_failed(request)
     for setup in made:
         setup.close(failed=failed)
 
@@ -304,4 +330,4 @@ def django_project(postgres_server, redis_server, k8s_cluster, k8s_namespace, tm
     setup = DjangoSetup(postgres_server, redis_server, k8s_cluster, k8s_namespace, tmp_path)
     setup.migrate()
     yield setup
-    setup.close(failed=request.node.rep_call.failed if hasattr(request.node, "rep_call") else False)
+    setup.close(failed=call_failed(request))

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from celery import Celery
 
-from conftest import IMAGE, Shim
+from conftest import IMAGE, Shim, stop_process
 from k8s_celery.testing import wait_until
 from rabbit_setup import restore_environment
 
@@ -144,13 +144,7 @@ class DjangoSetup:
         for shim in self.shims:
             shim.stop()
         for _, process, _ in self.processes:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
         if failed:
             for shim in self.shims:
                 print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import APPS, jobs_in
+from conftest import APPS, jobs_in, stop_process
 from k8s_celery.testing import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -24,15 +24,6 @@ def celery_process(args: list[str], broker_url: str, log_path, **env) -> subproc
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def test_beat_launches_jobs_on_schedule(start_shim, taskapp, broker_url, tmp_path):
     start_shim()
     beat = celery_process(["beat", "-s", str(tmp_path / "schedule"), "-l", "INFO"], broker_url,
@@ -41,7 +32,7 @@ def test_beat_launches_jobs_on_schedule(start_shim, taskapp, broker_url, tmp_pat
         wait_until(lambda: int(taskapp.store().get("runs:beat") or 0) >= 2, timeout=90,
                    message="two scheduled runs")
     finally:
-        stop(beat)
+        stop_process(beat)
     assert "Scheduler: Sending due task count-every-2s" in (tmp_path / "beat.log").read_text()
 
 
@@ -127,7 +118,7 @@ def test_mixed_deployment_routes_by_queue(start_shim, taskapp, broker_url, tmp_p
         assert taskapp.local_add.delay(2, 2).get(timeout=60) == 4
         assert taskapp.add.delay(3, 3).get(timeout=60) == 6
     finally:
-        stop(prefork)
+        stop_process(prefork)
     assert "taskapp.local_add" in (tmp_path / "prefork.log").read_text()
     assert "taskapp.add" not in (tmp_path / "prefork.log").read_text().split("[tasks]")[-1].split("received")[0] \
         or "taskapp.add[" not in (tmp_path / "prefork.log").read_text()

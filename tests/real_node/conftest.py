@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Shim
+from conftest import shims_started
 from k8s_celery.cluster import collection_path
 from k8s_celery.watch import Watcher
 from k8s_celery.manifest import LABEL_TASK_HASH, task_hash
@@ -101,21 +101,9 @@ def real_manifests(tmp_path, pod_broker_url, taskapp_image) -> Path:
 @pytest.fixture
 def start_real_shim(real_cluster, real_namespace, real_manifests, tmp_path, broker_url, taskapp, request):
     """Start `k8s-celery worker` processes against the real node; stopped after the test."""
-    shims: list[Shim] = []
-
-    def start(wait: bool = True, **options) -> Shim:
-        options.setdefault("manifests", real_manifests)
-        shim = Shim(real_cluster, real_namespace, log_dir=tmp_path, broker_url=broker_url, **options)
-        shims.append(shim)
-        return shim.start(taskapp.app, wait=wait)
-
-    yield start
-    for shim in shims:
-        shim.stop()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for shim in shims:
-            print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")
+    with shims_started(real_cluster, real_namespace, real_manifests, tmp_path, broker_url, taskapp,
+                       request) as start:
+        yield start
         print(f"---- kubelet log ----\n{real_cluster.real_node.processes['kubelet'].log_tail(60)}")
 
 
