@@ -236,11 +236,7 @@ class DeliveryTable:
         """Forget a delivery and free its slot; ``True`` if a slot was freed."""
         with self.lock:
             self._forget(delivery)
-            if delivery.has_slot:
-                delivery.has_slot = False
-                self._slots_used -= 1
-                return True
-            return False
+            return self.release_slot(delivery)
 
     def release_slot(self, delivery: Delivery) -> bool:
         with self.lock:

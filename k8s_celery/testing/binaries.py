@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 KUBERNETES_VERSION = "v1.33.13"
@@ -62,18 +63,23 @@ def build_dir() -> Path:
 
 def binary_dir(build: bool = False) -> Path:
     """The directory holding every control-plane binary, building it if asked to."""
-    configured = os.environ.get("K8S_CELERY_BIN_DIR")
-    directory = Path(configured) if configured else build_dir()
-    missing = [name for name in BINARIES if not os.access(directory / name, os.X_OK)]
+    return _binaries_in("K8S_CELERY_BIN_DIR", build_dir(), BINARIES, build_binaries if build else None,
+                        "`python -m k8s_celery.testing.binaries` (or scripts/build-control-plane.sh)")
+
+
+def _binaries_in(variable: str, default: Path, names, build: Callable[[Path], Path] | None, command: str) -> Path:
+    """``$variable`` or ``default`` once it holds every one of ``names``: built there with
+    ``build`` when they are missing, else :class:`BinariesMissing` naming ``command``."""
+    configured = os.environ.get(variable)
+    directory = Path(configured) if configured else default
+    missing = [name for name in names if not os.access(directory / name, os.X_OK)]
     if not missing:
         return directory
     if configured:
-        raise BinariesMissing(f"K8S_CELERY_BIN_DIR={configured} lacks {', '.join(missing)}")
-    if not build:
-        raise BinariesMissing(
-            f"{', '.join(missing)} not built in {directory}; run "
-            "`python -m k8s_celery.testing.binaries` (or scripts/build-control-plane.sh)")
-    return build_binaries(directory)
+        raise BinariesMissing(f"{variable}={configured} lacks {', '.join(missing)}")
+    if build is None:
+        raise BinariesMissing(f"{', '.join(missing)} not built in {directory}; run {command}")
+    return build(directory)
 
 
 def staging_replaces(upstream_gomod: str, kubernetes_version: str = KUBERNETES_VERSION) -> list[str]:
@@ -132,17 +138,13 @@ def node_binary_dir(build: bool = False) -> Path:
     Built from the same wrapper module as the control plane, so that the node and the
     API server are one Kubernetes release (upstream builds these with CGO off as well).
     """
-    configured = os.environ.get("K8S_CELERY_NODE_BIN_DIR")
-    directory = Path(configured) if configured else node_build_dir()
-    missing = [name for name in NODE_BINARIES if not os.access(directory / name, os.X_OK)]
-    if not missing:
-        return directory
-    if configured:
-        raise BinariesMissing(f"K8S_CELERY_NODE_BIN_DIR={configured} lacks {', '.join(missing)}")
-    if not build:
-        raise BinariesMissing(f"{', '.join(missing)} not built in {directory}; run "
-                              "`python -m k8s_celery.testing.binaries --node`")
-    return _build(directory, [f"k8s.io/kubernetes/cmd/{name}" for name in NODE_BINARIES],
+    return _binaries_in("K8S_CELERY_NODE_BIN_DIR", node_build_dir(), NODE_BINARIES,
+                        build_node_binaries if build else None, "`python -m k8s_celery.testing.binaries --node`")
+
+
+def build_node_binaries(target: Path) -> Path:
+    """Build kubelet, kube-scheduler and kube-proxy into ``target``."""
+    return _build(target, [f"k8s.io/kubernetes/cmd/{name}" for name in NODE_BINARIES],
                   f"the Kubernetes {KUBERNETES_VERSION} node")
 
 
