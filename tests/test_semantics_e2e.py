@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import EventRecorder, jobs_in, running_pod_of, write_manifest
+from conftest import EventRecorder, jobs_in, running_pod_of, stop_process, write_manifest
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.manifest import LABEL_QUEUE
 from k8s_celery.testing import wait_until
@@ -159,7 +159,7 @@ def test_worker_time_limits_apply_to_every_task(start_shim, taskapp):
 
 
 def test_hard_time_limit_events_and_state_match_prefork(start_shim, taskapp, broker_url, tmp_path):
-    from test_ecosystem_e2e import celery_process, stop
+    from test_ecosystem_e2e import celery_process
 
     start_shim()
     prefork = celery_process(["worker", "-Q", "default", "-c", "1", "-n", "prefork-limits@local", "-E",
@@ -177,7 +177,7 @@ def test_hard_time_limit_events_and_state_match_prefork(start_shim, taskapp, bro
                 assert type(raised.value).__name__ == "TimeLimitExceeded"
             time.sleep(2)  # the last events
     finally:
-        stop(prefork)
+        stop_process(prefork)
     assert events.types(on_shim.id) == events.types(on_prefork.id), dict(events.events)
     assert on_shim.state == on_prefork.state == "FAILURE"
 
