@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import pytest
 
-from k8s_celery.testing.soak import FAULTS, run_soak
+from k8s_celery.testing.soak import FAULTS, run_soak, wait_to_settle
 
 pytestmark = pytest.mark.cluster
 
@@ -21,3 +24,29 @@ def test_short_chaos_soak():
     assert report.duplicate_runs == 0
     assert report.leftover_jobs == 0
     assert report.leftover_secrets == 0
+
+
+def settles_after(seconds: float):
+    done_at = time.monotonic() + seconds
+    return lambda: time.monotonic() >= done_at
+
+
+def test_settling_waits_past_its_patience_while_work_progresses():
+    # A fixed window of 0.3 s would have given up: the work is still moving.
+    counter = itertools.count()
+    assert wait_to_settle(settles_after(1.0), lambda: next(counter), patience=0.3, limit_factor=10,
+                          interval=0.05)
+
+
+def test_settling_gives_up_after_its_patience_without_progress():
+    started = time.monotonic()
+    assert not wait_to_settle(lambda: False, lambda: "stuck", patience=0.3, interval=0.05)
+    assert 0.3 <= time.monotonic() - started < 1.0
+
+
+def test_settling_gives_up_at_its_limit_even_while_something_changes():
+    counter = itertools.count()
+    started = time.monotonic()
+    assert not wait_to_settle(lambda: False, lambda: next(counter), patience=0.2, limit_factor=3,
+                              interval=0.05)
+    assert 0.6 <= time.monotonic() - started < 1.5

@@ -36,12 +36,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
 from ..cluster import collection_path
 from ..manifest import MANAGED_SELECTOR
-from . import wait_until
 from .cluster import LocalCluster
 from .redis import RedisServer
 
@@ -154,9 +154,10 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                 state["error"] = repr(exc)
                 return False
             return not any(state.values())
-        try:
-            wait_until(settled, timeout=max(120.0, duration), interval=1.0)
-        except TimeoutError:
+        def progress() -> tuple:
+            return tuple(value for key, value in sorted(state.items()) if key != "restore_lock_ttl")
+
+        if not wait_to_settle(settled, progress, patience=max(120.0, duration)):
             log(f"did not settle in time ({state}); counting what is there")
         completed = sum(1 for r in results if _state(r) == "SUCCESS")
         pods = [sorted(m.decode() for m in client.smembers(f"soak:runs:{r.id}")) for r in results]
@@ -185,6 +186,28 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
             worker.kill(signal.SIGTERM)
         app.close()
         return report
+
+
+def wait_to_settle(settled: Callable[[], bool], progress: Callable[[], Any], patience: float,
+                   limit_factor: float = 3.0, interval: float = 1.0) -> bool:
+    """Poll ``settled`` until it holds; ``False`` once ``patience`` seconds passed in which
+    ``progress()`` did not change, or ``limit_factor`` times that in all.
+
+    Under load the workers may still be working through the queue when a fixed window
+    ends (tasks done, their Jobs not yet cleaned up): while they make progress they get
+    the time they need; a soak that is stuck still ends after ``patience``.
+    """
+    started = last_change = time.monotonic()
+    seen = progress()
+    while not settled():
+        now = time.monotonic()
+        current = progress()
+        if current != seen:
+            seen, last_change = current, now
+        if now - last_change > patience or now - started > limit_factor * patience:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def received_task_ids(log_dir: Path) -> set[str]:
