@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import pytest
@@ -12,9 +13,16 @@ from k8s_celery.testing.soak import FAULTS, run_soak, wait_to_settle
 pytestmark = pytest.mark.cluster
 
 
-def test_short_chaos_soak():
+def test_short_chaos_soak(broker_url):
+    # broker_url exports the session's Redis as CELERY_BROKER_URL and CELERY_RESULT_BACKEND,
+    # as it does for every test run before this one in a full session.
     report = run_soak(tasks=200, duration=90, seed=7, fault_interval=1.5)
     print(report.line(), report.faults)
+    # The workers' sweepers and redelivery checks read the store their pods write to (the
+    # inherited CELERY_RESULT_BACKEND once kept every CI soak from sweeping: Jobs that only
+    # the sweeper removes were left over), and the soak hands the environment back.
+    assert report.result_backends == [report.broker] != [broker_url]
+    assert os.environ["CELERY_RESULT_BACKEND"] == os.environ["CELERY_BROKER_URL"] == broker_url
     assert set(report.faults) == set(FAULTS), f"every kind of fault must be injected: {report.faults}"
     # Every task a worker received completed; a message the Redis transport dropped between
     # its pop and its unacked record (a worker SIGKILLed at that instant) never reached one.

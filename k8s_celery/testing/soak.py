@@ -9,6 +9,10 @@ It then waits for the workers to settle and prints the measured counts::
 
     tasks=200 completed=200 lost=0 never_received=0 duplicate_runs=0 reruns_after_kill=0 leftover_jobs=0 ...
 
+Its work directory keeps each worker's log, ``node.log`` (every fault injected, and
+what the kubelet logged) and ``cluster/`` (the control plane's logs); a Job or Secret
+left over is printed with its labels, conditions and pods.
+
 ``lost`` counts tasks a worker received and that never completed: the shim's failures.
 ``duplicate_runs`` counts extra runs of a task to its end that the shim should have
 prevented. ``reruns_after_kill`` counts the extra runs that acks-late allows: the
@@ -25,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +52,8 @@ from ..manifest import MANAGED_SELECTOR
 from .cluster import LocalCluster
 from .redis import RedisServer
 
+logger = logging.getLogger("k8s_celery.testing.soak")  # also when run as __main__
+
 NAMESPACE = "soak"
 FAULTS = ("evict", "crash", "kill_worker", "restart_apiserver", "compact_etcd", "restart_redis")
 
@@ -60,6 +69,11 @@ class SoakReport:
     leftover_jobs: int
     leftover_secrets: int
     faults: dict = field(default_factory=dict)
+    leftovers: list = field(default_factory=list)
+    broker: str = ""
+    #: What the workers' banners name as their result backend: the soak's Redis, or
+    #: their sweepers and redelivery checks read some other store.
+    result_backends: list = field(default_factory=list)
     duplicated: list = field(default_factory=list)
     work_dir: str = ""
 
@@ -96,17 +110,18 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
              fault_interval: float = 2.0, log=print) -> SoakReport:
     rng = random.Random(seed)
     work_dir = Path(tempfile.mkdtemp(prefix="k8s-celery-soak-"))
-    with RedisServer(persistence=True) as redis_server, LocalCluster() as cluster:
-        broker = f"{redis_server.url}/0"
-        os.environ["CELERY_BROKER_URL"] = broker
+    with _node_log(work_dir / "node.log"), RedisServer(persistence=True) as redis_server, \
+            LocalCluster(workdir=work_dir / "cluster") as cluster, \
+            _celery_environ(f"{redis_server.url}/0") as celery_env:
+        broker = celery_env["CELERY_BROKER_URL"]
         cluster.create_namespace(NAMESPACE)
         manifests = work_dir / "manifests"
         (manifests / "kubernetes").mkdir(parents=True)
         (manifests / "kubernetes" / "manifest.yaml").write_text(yaml.safe_dump({
             "apiVersion": "batch/v1", "kind": "Job", "spec": {"template": {"spec": {"containers": [{
                 "name": "task", "image": "registry.local/soak:1",
-                "env": [{"name": "CELERY_BROKER_URL", "value": broker}]}]}}}}))
-        env = {**os.environ, "CELERY_BROKER_URL": broker, "C_FORCE_ROOT": "1",
+                "env": [{"name": name, "value": value} for name, value in celery_env.items()]}]}}}}))
+        env = {**os.environ, "C_FORCE_ROOT": "1",
                "K8S_CELERY_MAX_LOST_ATTEMPTS": "20", "K8S_CELERY_SWEEP_GRACE": "10",
                "K8S_CELERY_SWEEP_INTERVAL": "5", "K8S_CELERY_PENDING_TIMEOUT": "120",
                "K8S_CELERY_DRAIN_TIMEOUT": "0"}
@@ -129,6 +144,7 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
             fault = rng.choice(FAULTS)
             if _inject(fault, rng, cluster, redis_server, workers, killed_pods):
                 faults[fault] += 1
+                logger.info("injected %s", fault)
             time.sleep(rng.uniform(0.5, 2 * fault_interval))
         for worker in workers:  # every worker up again, so that everything settles
             if worker.process.poll() is not None:
@@ -171,21 +187,67 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                 log(f"task {result.id} ran to its end in {len(names)} pods: {names} ({why})")
         jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
         secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE), label_selector=MANAGED_SELECTOR)
+        leftovers = describe_leftovers(cluster, jobs, secrets)
+        for line in leftovers:
+            log(f"left over: {line}")
         received = received_task_ids(work_dir)
         never_received = [r.id for r, n in zip(results, runs) if n == 0 and r.id not in received]
         for task_id in never_received:
             log(f"task {task_id} never reached a worker: the broker lost it before delivery")
-        report = SoakReport(tasks=tasks, completed=completed,
+        report = SoakReport(tasks=tasks, completed=completed, broker=broker,
+                            result_backends=sorted(worker_result_backends(work_dir)),
                             lost=sum(1 for r, n in zip(results, runs) if n == 0 and r.id in received),
                             never_received=len(never_received),
                             duplicate_runs=sum(max(0, n - 1) for n in runs) - sum(inherent),
                             reruns_after_kill=sum(inherent),
                             leftover_jobs=len(jobs), leftover_secrets=len(secrets), faults=dict(faults),
+                            leftovers=leftovers,
                             duplicated=[r.id for r, n in zip(results, runs) if n > 1], work_dir=str(work_dir))
         for worker in workers:
             worker.kill(signal.SIGTERM)
         app.close()
-        return report
+    for data in ("etcd", "kubelet"):  # the control plane's logs stay with the workers'
+        shutil.rmtree(work_dir / "cluster" / data, ignore_errors=True)
+    return report
+
+
+@contextlib.contextmanager
+def _celery_environ(url: str):
+    """Broker and result backend of every Celery app of the soak (this process, its
+    workers, their pods) for as long as it runs; the caller's values come back after.
+
+    Celery reads ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` from the
+    environment before anything the app passes: one inherited from a test session
+    would give the workers another result backend than their pods write to.
+    """
+    values = {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield values
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _node_log(path: Path):
+    """Write what the process kubelet and the fault injection log to ``path`` while the soak runs."""
+    logger = logging.getLogger("k8s_celery.testing")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s/%(name)s] %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        handler.close()
 
 
 def wait_to_settle(settled: Callable[[], bool], progress: Callable[[], Any], patience: float,
@@ -208,6 +270,34 @@ def wait_to_settle(settled: Callable[[], bool], progress: Callable[[], Any], pat
             return False
         time.sleep(interval)
     return True
+
+
+def describe_leftovers(cluster: LocalCluster, jobs: list[dict], secrets: list[dict]) -> list[str]:
+    """One line per Job or Secret left behind: enough to tell which delivery left it and why."""
+    lines = []
+    for job in jobs:
+        metadata, status = job["metadata"], job.get("status") or {}
+        pods, _ = cluster.api.list(collection_path("pods", NAMESPACE),
+                                   label_selector=f"batch.kubernetes.io/controller-uid={metadata['uid']}")
+        lines.append(json.dumps({
+            "job": metadata["name"], "created": metadata.get("creationTimestamp"),
+            "deleting": metadata.get("deletionTimestamp"), "labels": metadata.get("labels"),
+            "conditions": [(c.get("type"), c.get("reason")) for c in status.get("conditions") or []],
+            "active": status.get("active"), "succeeded": status.get("succeeded"), "failed": status.get("failed"),
+            "pods": [(p["metadata"]["name"], (p.get("status") or {}).get("phase"),
+                      p["metadata"].get("deletionTimestamp")) for p in pods]}))
+    for secret in secrets:
+        metadata = secret["metadata"]
+        lines.append(json.dumps({"secret": metadata["name"], "created": metadata.get("creationTimestamp"),
+                                 "owners": [o.get("name") for o in metadata.get("ownerReferences") or []]}))
+    return lines
+
+
+def worker_result_backends(log_dir: Path) -> set[str]:
+    """The result backends the workers' startup banners name."""
+    pattern = re.compile(r"\.> results:\s+(\S+)")
+    return {match.group(1) for path in log_dir.glob("*.log")
+            for match in pattern.finditer(path.read_text(errors="replace"))}
 
 
 def received_task_ids(log_dir: Path) -> set[str]:
@@ -272,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of fault injection at most")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--fault-interval", type=float, default=2.0, help="mean seconds between faults / 2")
     args = parser.parse_args(argv)
-    report = run_soak(args.tasks, args.duration, args.seed)
+    report = run_soak(args.tasks, args.duration, args.seed, fault_interval=args.fault_interval)
     if report.duplicated:
         print(f"ran more than once: {report.duplicated} (logs in {report.work_dir})")
     print(report.line())
