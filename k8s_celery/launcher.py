@@ -143,17 +143,11 @@ class Launcher:
         if isinstance(backend, DisabledBackend) or not getattr(backend, "persistent", True) \
                 or spec.request.get("ignore_result"):
             return None
-        try:
-            meta = backend.get_task_meta(spec.task_id)
-        except Exception as exc:
-            log.warning("cannot read the state of %s from the result backend: %s", spec.task_id, exc)
+        meta = outcomes.stored_meta(self.app, spec.task_id, log)
+        if meta.get("status") != outcomes.SUCCESS:
             return None
-        if meta.get("status") != "SUCCESS":
-            return None
-        from celery.utils.saferepr import saferepr
-
         log.info("%s[%s] redelivered after it succeeded; not running it again", spec.name, spec.task_id)
-        return outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result")))
+        return outcomes.stored_success(meta)
 
     # -- creating ----------------------------------------------------------------------
 

@@ -118,13 +118,11 @@ class Sweeper:
                     log.warning("cannot delete Job %s: %s", metadata["name"], exc)
 
     def _final_state(self, task_id: str) -> bool:
-        try:
-            return self.app.backend.get_task_meta(task_id).get("status") in states.READY_STATES
-        except Exception:  # no result backend, or it cannot answer: leave it to the TTL
-            return False
+        # No result backend, or one that cannot answer: the TTL controller removes the Job.
+        return outcomes.stored_meta(self.app, task_id).get("status") in states.READY_STATES
 
 
 def _timestamp(value: str | None) -> float:
     if not value:
         return time.time()
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return datetime.fromisoformat(value).timestamp()

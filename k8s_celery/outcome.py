@@ -9,6 +9,7 @@ pure function of the Job and pod objects.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,3 +260,21 @@ def classify(job: dict | None, pod: dict | None, job_deleted: bool = False) -> O
             reason = "the Job was deleted"
         return Outcome(LOST, reason=reason, job_completed=completed and pod is None)
     return None
+
+
+def stored_meta(app: Any, task_id: str, log: logging.Logger | None = None) -> dict:
+    """The task's state in ``app``'s result backend; ``{}`` when the backend cannot answer
+    (logged on ``log``, if given): every reader then does what it does without a backend."""
+    try:
+        return app.backend.get_task_meta(task_id)
+    except Exception as exc:
+        if log is not None:
+            log.warning("cannot read the state of %s from the result backend: %s", task_id, exc)
+        return {}
+
+
+def stored_success(meta: dict) -> Outcome:
+    """The success a result backend holds, as an outcome to report."""
+    from celery.utils.saferepr import saferepr
+
+    return Outcome(SUCCESS, result=saferepr(meta.get("result")))

@@ -198,17 +198,11 @@ class Reconciler:
         """A completed Job whose pod is gone: the result backend says what the task did."""
         if result.state != outcomes.LOST or not result.job_completed:
             return result
-        backend = self.launcher.app.backend
-        try:
-            meta = backend.get_task_meta(delivery.task_id)
-        except Exception:
-            meta = {}
+        meta = outcomes.stored_meta(self.launcher.app, delivery.task_id)
         # The pod exited 0: the task succeeded, retried or was ignored, and stored as much.
-        if meta.get("status") == "RETRY":
+        if meta.get("status") == outcomes.RETRY:
             return outcomes.Outcome(outcomes.RETRY, result="retried (read from the result backend)")
-        from celery.utils.saferepr import saferepr
-
-        return outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result")))
+        return outcomes.stored_success(meta)
 
     # -- revoke, cancel ----------------------------------------------------------------
 
@@ -294,5 +288,5 @@ def _terminating_overdue(pod: dict | None) -> float | None:
     deleted_at = ((pod or {}).get("metadata") or {}).get("deletionTimestamp")
     if not deleted_at:
         return None
-    deadline = datetime.fromisoformat(deleted_at.replace("Z", "+00:00")).timestamp()
+    deadline = datetime.fromisoformat(deleted_at).timestamp()
     return time.time() - deadline

@@ -208,24 +208,18 @@ def ended_since(app, task_id: str, launched_at: str | None) -> outcomes.Outcome 
     """
     if not launched_at or not _has_result_backend(app):
         return None
-    try:
-        meta = app.backend.get_task_meta(task_id)
-    except Exception as exc:  # the backend is unreachable: run, as a worker would
-        log.warning("cannot read the state of %s from the result backend: %s", task_id, exc)
-        return None
+    meta = outcomes.stored_meta(app, task_id, log)  # unreachable: run, as a worker would
     done = meta.get("date_done")
     if meta.get("status") not in ("SUCCESS", "REVOKED") or not done:
         return None
-    done = done if isinstance(done, datetime) else datetime.fromisoformat(str(done).replace("Z", "+00:00"))
+    done = done if isinstance(done, datetime) else datetime.fromisoformat(str(done))
     if done.tzinfo is None:
         done = done.replace(tzinfo=timezone.utc)
-    if done < datetime.fromisoformat(launched_at.replace("Z", "+00:00")):
+    if done < datetime.fromisoformat(launched_at):
         return None
     if meta["status"] == "REVOKED":
         return outcomes.Outcome(outcomes.IGNORED, result="revoked before it started")
-    from celery.utils.saferepr import saferepr
-
-    return outcomes.Outcome(outcomes.SUCCESS, result=saferepr(meta.get("result")))
+    return outcomes.stored_success(meta)
 
 
 def write_outcome(outcome: outcomes.Outcome, path: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from k8s_celery import outcome as o
 
@@ -107,3 +108,26 @@ def test_a_completed_job_whose_pod_is_gone_is_flagged():
 def test_runner_flags_survive_the_trip():
     decoded = o.decode(o.encode(o.Outcome(o.FAILURE, not_run=True, soft_limit_hit=True)))
     assert decoded.not_run and decoded.soft_limit_hit
+
+
+def test_the_result_backend_answers_what_it_stored():
+    from celery import Celery
+
+    app = Celery("stored", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.backend.store_result("t-1", {"rows": [1, 2]}, "SUCCESS")
+    meta = o.stored_meta(app, "t-1")
+    assert meta["status"] == "SUCCESS"
+    assert o.stored_success(meta) == o.Outcome(o.SUCCESS, result="{'rows': [1, 2]}")
+    assert o.stored_meta(app, "never-stored")["status"] == "PENDING"
+
+
+def test_a_result_backend_that_cannot_answer_reads_as_nothing_stored(caplog):
+    class Unreachable:
+        @property
+        def backend(self):
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379")
+
+    assert o.stored_meta(Unreachable(), "t-1") == {}
+    assert not caplog.records
+    assert o.stored_meta(Unreachable(), "t-1", logging.getLogger("k8s_celery.pool")) == {}
+    assert "cannot read the state of t-1 from the result backend: Error 111" in caplog.text
