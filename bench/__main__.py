@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from k8s_celery.testing.redis import RedisServer
+from k8s_celery.testing.requirements import real_node_unavailable
 
 from . import realnode
 from .harness import ROOT, environment
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.repeats = args.repeats
     chosen = args.only or [*MEASUREMENTS, *OWN_ENVIRONMENT]
     notes: list[str] = []
-    if "realnode" in chosen and (reason := realnode.unusable()):
+    if "realnode" in chosen and (reason := real_node_unavailable()):
         if args.only:
             print(f"cannot measure on a real node: {reason}", file=sys.stderr)
             return 2

@@ -432,6 +432,30 @@ def bench_app(redis: RedisServer):
 
 
 @contextmanager
+def prepared(cluster: LocalCluster, workdir: Path, redis: RedisServer, app, app_environ: dict[str, str],
+             manifests: Path, simulate: bool = False) -> Iterator[Environment]:
+    """A started cluster made ready for the bench: its namespaces, the shim's identity (a
+    ServiceAccount with exactly the rights ``k8s-celery check`` asks for, and a kubeconfig
+    with its token) and the observers, stopped on exit. ``simulate``: the bench ends the
+    pods of the simulating kubelet and reads the API server's audit log."""
+    for namespace in (NAMESPACE, RAW_NAMESPACE):
+        cluster.create_namespace(namespace)
+    grant_shim_access(cluster, (NAMESPACE, RAW_NAMESPACE))
+    token = cluster.service_account_token(NAMESPACE, ACCOUNT, expiration=4 * 3600)
+    kubeconfig = cluster.kubeconfig_for_token(token, workdir / "shim.kubeconfig", user=ACCOUNT, namespace=NAMESPACE)
+    env = Environment(workdir=workdir, redis=redis, cluster=cluster, app=app, app_environ=app_environ,
+                      manifests=manifests, shim_kubeconfig=kubeconfig, jobs=JobWatch(cluster.api).start(),
+                      events=TaskEvents(app).start(), pods=SimulatedPods(cluster).start() if simulate else None,
+                      audit=AuditLog(cluster.audit_log_path) if simulate else None)
+    try:
+        yield env
+    finally:
+        for observer in (env.jobs, env.events, env.pods):
+            if observer is not None:
+                observer.stop()
+
+
+@contextmanager
 def environment(workdir: Path, redis: RedisServer, simulate: bool) -> Iterator[Environment]:
     """A fresh local cluster with the bench's namespaces, identity and observers.
 
@@ -441,23 +465,8 @@ def environment(workdir: Path, redis: RedisServer, simulate: bool) -> Iterator[E
     """
     workdir.mkdir(parents=True, exist_ok=True)
     app, app_environ = bench_app(redis)
+    manifests = write_manifest(workdir / "manifests", app_environ["CELERY_BROKER_URL"])
     with LocalCluster(audit_log=simulate, kubelet_options={"simulate": simulate}, watch_cache=True,
                       workdir=workdir / "cluster") as cluster:
-        for namespace in (NAMESPACE, RAW_NAMESPACE):
-            cluster.create_namespace(namespace)
-        grant_shim_access(cluster, (NAMESPACE, RAW_NAMESPACE))
-        token = cluster.service_account_token(NAMESPACE, ACCOUNT, expiration=4 * 3600)
-        kubeconfig = cluster.kubeconfig_for_token(token, workdir / "shim.kubeconfig", user=ACCOUNT,
-                                                  namespace=NAMESPACE)
-        env = Environment(workdir=workdir, redis=redis, cluster=cluster, app=app, app_environ=app_environ,
-                          manifests=write_manifest(workdir / "manifests", app_environ["CELERY_BROKER_URL"]),
-                          shim_kubeconfig=kubeconfig, jobs=JobWatch(cluster.api).start(),
-                          events=TaskEvents(app).start(),
-                          pods=SimulatedPods(cluster).start() if simulate else None,
-                          audit=AuditLog(cluster.audit_log_path) if simulate else None)
-        try:
+        with prepared(cluster, workdir, redis, app, app_environ, manifests, simulate) as env:
             yield env
-        finally:
-            for observer in (env.jobs, env.events, env.pods):
-                if observer is not None:
-                    observer.stop()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -38,15 +37,13 @@ import yaml
 
 from k8s_celery.cluster import KubeApi, collection_path
 from k8s_celery.manifest import TaskSpec, build_job, build_secret
-from k8s_celery.testing import binaries
 from k8s_celery.testing.cluster import LocalCluster
 from k8s_celery.testing.realnode.images import Image, ImageBuilder
-from k8s_celery.testing.realnode.network import CNI_BIN_DIR
 from k8s_celery.testing.redis import RedisServer
 from k8s_celery.watch import Watcher
 
-from .harness import (ACCOUNT, JOB_NAME_LABEL, NAMESPACE, QUEUE, RAW_NAMESPACE, ROOT, Environment, JobWatch, Shim,
-                      TaskEvents, bench_app, grant_shim_access, wait_for)
+from .harness import (JOB_NAME_LABEL, QUEUE, RAW_NAMESPACE, ROOT, Environment, Shim, bench_app, prepared,
+                      wait_for)
 from .measure import MS, Plan, Row, no_op_spec, verdict
 from .stats import Spread, percentile, ratios
 
@@ -74,25 +71,6 @@ COMMANDS = {
 #: Bare Jobs that mount the payload Secret (created right after the Job, as the shim does).
 WITH_SECRET = (SECRET, RUNNER)
 JOB_TIMEOUT = 180.0
-
-
-def unusable() -> str | None:
-    """Why a real node cannot run on this machine, or ``None`` when it can."""
-    if os.geteuid() != 0:
-        return "a real node needs root"
-    missing = [tool for tool in ("containerd", "runc", "iptables", "buildah", "mmdebstrap") if not shutil.which(tool)]
-    if not (Path(CNI_BIN_DIR) / "bridge").exists():
-        missing.append("containernetworking-plugins")
-    if missing:
-        return f"{', '.join(missing)} missing (bash scripts/install-real-node.sh installs them)"
-    if not Path("/sys/fs/cgroup/memory").is_dir() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
-        return "no cgroup hierarchy mounted at /sys/fs/cgroup"
-    try:
-        binaries.node_binary_dir(build=False)
-    except binaries.BinariesMissing as exc:
-        if not shutil.which("go"):
-            return f"{exc}, and no go to build them"
-    return None
 
 
 # -- pure helpers ------------------------------------------------------------------------
@@ -261,23 +239,11 @@ def node_environment(workdir: Path, redis: RedisServer) -> Iterator[Environment]
         client = redis.client()
         bind = client.config_get("bind")["bind"]
         client.config_set("bind", f"{bind} {node.node_address}")
+        pod_broker = f"redis://{node.node_address}:{redis.port}/0"
+        manifests = write_node_manifest(workdir / "manifests", pod_broker, image.name)
         try:
-            for namespace in (NAMESPACE, RAW_NAMESPACE):
-                cluster.create_namespace(namespace)
-            grant_shim_access(cluster, (NAMESPACE, RAW_NAMESPACE))
-            token = cluster.service_account_token(NAMESPACE, ACCOUNT, expiration=4 * 3600)
-            kubeconfig = cluster.kubeconfig_for_token(token, workdir / "shim.kubeconfig", user=ACCOUNT,
-                                                      namespace=NAMESPACE)
-            pod_broker = f"redis://{node.node_address}:{redis.port}/0"
-            env = Environment(workdir=workdir, redis=redis, cluster=cluster, app=app, app_environ=app_environ,
-                              manifests=write_node_manifest(workdir / "manifests", pod_broker, image.name),
-                              shim_kubeconfig=kubeconfig, jobs=JobWatch(cluster.api).start(),
-                              events=TaskEvents(app).start(), pods=None, audit=None)
-            try:
+            with prepared(cluster, workdir, redis, app, app_environ, manifests) as env:
                 yield env
-            finally:
-                env.jobs.stop()
-                env.events.stop()
         finally:
             client.config_set("bind", bind)
 

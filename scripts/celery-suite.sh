@@ -11,9 +11,7 @@
 #   bash scripts/celery-suite.sh --only test_tasks.py -k retry -- -x   # after --: pytest options
 #   bash scripts/celery-suite.sh --list-excluded        # the exclusions and their reasons
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null || PYTHON=python3
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
-exec .venv/bin/python -m k8s_celery.testing.celery_suite "$@"
+source "$(dirname "$0")/lib/env.sh"
+bash scripts/setup.sh
+use_venv
+exec "$VENV_PYTHON" -m k8s_celery.testing.celery_suite "$@"

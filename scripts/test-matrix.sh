@@ -6,11 +6,10 @@
 #   bash scripts/test-matrix.sh                 # celery55 and celery57
 #   bash scripts/test-matrix.sh celery55 -k rabbit -x    # one leg; further arguments go to pytest
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null || PYTHON=python3
+source "$(dirname "$0")/lib/env.sh"
+bash scripts/setup.sh
 TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/k8s-celery/tox-venv"
-[[ -x "$TOOLS/bin/tox" ]] || { "$PYTHON" -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q --disable-pip-version-check "tox>=4"; }
+[[ -x "$TOOLS/bin/tox" ]] || { "$(base_python)" -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q --disable-pip-version-check "tox>=4"; }
 envs="${1:-celery55,celery57}"
 shift || true
 if (( $# )); then

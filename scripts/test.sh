@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The test command: set up a virtualenv with the package and its test extras, build
-# (once) the local control plane, and run the whole suite.
+# The test command: sets up what the tests need (bash scripts/setup.sh: Debian packages,
+# the virtualenv, the local control plane and the real node's binaries and images, each
+# when missing) and runs the whole suite. Arguments go to pytest:
+#
+#   bash scripts/test.sh                      # everything
+#   bash scripts/test.sh -k eviction -x       # a part
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3.11}"
-command -v "$PYTHON" >/dev/null || PYTHON=python3
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
-PYTHON=.venv/bin/python bash scripts/build-control-plane.sh
-exec .venv/bin/python -m pytest "$@"
+source "$(dirname "$0")/lib/env.sh"
+bash scripts/setup.sh
+use_venv
+exec "$VENV_PYTHON" -m pytest "$@"

@@ -11,7 +11,7 @@ from pathlib import Path
 import urllib3
 
 from k8s_celery.testing import wait_until
-from k8s_celery.testing.cluster import free_port
+from k8s_celery.testing.server import free_port
 
 
 class Flower:

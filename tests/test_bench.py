@@ -193,14 +193,3 @@ def test_bare_jobs_keep_the_shim_s_pod_spec_and_change_only_command_and_secret()
     secret_pod = bare_job(template, spec, SECRET)["spec"]["template"]["spec"]
     assert any("secret" in volume for volume in secret_pod["volumes"])
     assert secret_pod["containers"][0]["command"] == COMMANDS[SECRET]
-
-
-def test_unusable_says_why_a_real_node_cannot_run(monkeypatch):
-    import bench.realnode as realnode
-
-    monkeypatch.setattr(realnode.os, "geteuid", lambda: 1000)
-    assert "root" in realnode.unusable()
-    monkeypatch.setattr(realnode.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(realnode.shutil, "which", lambda tool: None if tool == "buildah" else f"/usr/bin/{tool}")
-    reason = realnode.unusable()
-    assert "buildah" in reason and "missing" in reason

@@ -10,7 +10,7 @@ import pytest
 from k8s_celery.cluster import ApiError, KubeApi, RetryPolicy, collection_path, load_configuration
 from k8s_celery.watch import Watcher
 from k8s_celery.testing import wait_until
-from k8s_celery.testing.cluster import free_port
+from k8s_celery.testing.server import free_port
 
 
 def test_transient_and_client_errors():

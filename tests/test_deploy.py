@@ -24,7 +24,7 @@ from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.config import validate_job_manifest, validate_object
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.binaries import go_module_dir, helm_binary
-from k8s_celery.testing.cluster import free_port
+from k8s_celery.testing.server import free_port
 
 ROOT = Path(__file__).parent.parent
 CHART = ROOT / "deploy" / "helm" / "k8s-celery"

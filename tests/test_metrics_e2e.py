@@ -7,7 +7,7 @@ import urllib3
 
 from conftest import scrape
 from k8s_celery.testing import wait_until
-from k8s_celery.testing.cluster import free_port
+from k8s_celery.testing.server import free_port
 
 pytestmark = pytest.mark.cluster
 

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .requirements import MissingRequirement
+
 KUBERNETES_VERSION = "v1.33.13"
 #: The etcd server release that the pinned Kubernetes release itself depends on.
 ETCD_VERSION = "v3.5.21"
@@ -48,7 +50,7 @@ func main() { etcdmain.Main(os.Args) }
 """
 
 
-class BinariesMissing(RuntimeError):
+class BinariesMissing(MissingRequirement):
     """The control-plane binaries are neither built nor pointed at."""
 
 
@@ -108,7 +110,8 @@ def wrapper_gomod(upstream_gomod: str) -> str:
 def _go() -> str:
     go = os.environ.get("GO") or shutil.which("go") or "/usr/local/go/bin/go"
     if not os.access(go, os.X_OK):
-        raise BinariesMissing("Go is needed to build the local control plane; none found")
+        raise BinariesMissing("Go is needed to build the local control plane and none was found: "
+                              "put `go` on the PATH or set GO to it")
     return go
 
 
@@ -208,13 +211,16 @@ def go_module_dir(module: str, version: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``[--node] [--check]``: build (or with ``--check`` only look for) the control plane's
+    binaries and helm, or the node's; print their directory."""
     argv = sys.argv[1:] if argv is None else argv
+    build = "--check" not in argv
     try:
         if "--node" in argv:
-            print(node_binary_dir(build=True))
+            print(node_binary_dir(build=build))
             return 0
-        helm_binary(build=True)
-        print(binary_dir(build=True))
+        helm_binary(build=build)
+        print(binary_dir(build=build))
     except (BinariesMissing, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,8 +24,6 @@ import logging
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +33,8 @@ import urllib3
 from ..cluster import ApiError, KubeApi, RetryPolicy, load_configuration, object_path
 from . import binaries, pki
 from .kubelet import ProcessKubelet
+from .requirements import require_real_node
+from .server import ManagedProcess, free_port
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +55,8 @@ def with_flags(argv: list[str], flags: dict[str, str]) -> list[str]:
     return kept + [f"{name}={value}" for name, value in flags.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ControlPlaneError(RuntimeError):
     """A control-plane process failed to start or to become ready."""
-
-
-class ManagedProcess:
-    """A control-plane process with its log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if not self.alive:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 class LocalCluster:
@@ -121,6 +80,8 @@ class LocalCluster:
                  node: str = "process", node_options: dict | None = None):
         if node not in NODES:
             raise ValueError(f"node must be one of {NODES}, not {node!r}")
+        if node == "real" and kubelet:
+            require_real_node()
         self.bin_dir = Path(bin_dir) if bin_dir else binaries.binary_dir(build=build)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="k8s-celery-cluster-"))

@@ -16,68 +16,52 @@ from __future__ import annotations
 import glob
 import os
 import pwd
-import shutil
+import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-from .cluster import ManagedProcess, free_port
+from .requirements import require_package
+from .server import LocalServer, ServerError, free_port
 
 SUPERUSER = "postgres"
+INITDB = "/usr/lib/postgresql/*/bin/initdb"
 
 
-class PostgresError(RuntimeError):
+class PostgresError(ServerError):
     """The server failed to initialise or to start."""
 
 
 def find_bin_dir() -> Path:
     """The newest ``/usr/lib/postgresql/<version>/bin`` holding ``initdb`` and ``postgres``."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                        key=lambda path: int(Path(path).parent.parent.name or 0))
-    if candidates:
-        return Path(candidates[-1]).parent
-    initdb = shutil.which("initdb")
-    if initdb:
-        return Path(initdb).parent
-    raise PostgresError("no initdb found: apt-get install postgresql")
+    require_package("postgresql", INITDB)
+    newest = max(glob.glob(INITDB), key=lambda path: int(Path(path).parent.parent.name))
+    return Path(newest).parent
 
 
-class PostgresServer:
+class PostgresServer(LocalServer):
     """``initdb`` + ``postgres`` in a temporary directory on a free loopback port.
 
     Trust authentication on loopback (it is a throw-away test server); the
     superuser is ``postgres``. ``settings`` are extra ``postgres -c`` options.
     """
 
+    name = "postgres"
+    error = PostgresError
+    stop_signal = signal.SIGINT  # a fast shutdown
+
     def __init__(self, bin_dir: str | Path | None = None, port: int | None = None,
                  user: str | None = None, settings: dict[str, str] | None = None,
                  startup_timeout: float = 60.0):
         self.bin_dir = Path(bin_dir) if bin_dir else find_bin_dir()
+        super().__init__(startup_timeout)
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.settings = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
                          "max_connections": "200", **(settings or {})}
-        self.startup_timeout = startup_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="k8s-celery-postgres-"))
         self.data = self.dir / "data"
         self.run_as = user or (SUPERUSER if os.geteuid() == 0 else None)
-        self.process: ManagedProcess | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _popen_options(self) -> dict:
+    def popen_options(self) -> dict:
         if self.run_as is None:
             return {}
         account = pwd.getpwnam(self.run_as)
@@ -93,61 +77,28 @@ class PostgresServer:
             for name in dirs + files:
                 os.chown(os.path.join(root, name), account.pw_uid, account.pw_gid)
 
-    def start(self) -> PostgresServer:
-        """Initialise the data directory (once), start the server, wait until it answers."""
+    def prepare(self) -> None:
+        """Initialise the data directory, once."""
         self._chown()
         if not (self.data / "PG_VERSION").exists():
             done = subprocess.run([str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                                    "--auth=trust", "--encoding=UTF8", "--no-sync", "-N"],
-                                  capture_output=True, text=True, cwd=self.dir, **self._popen_options())
+                                  capture_output=True, text=True, cwd=self.dir, **self.popen_options())
             if done.returncode:
                 raise PostgresError(f"initdb failed: {done.stderr or done.stdout}")
+        self.log_path.touch()
+        self._chown()
+
+    def command(self) -> list[str]:
         argv = [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port),
                 "-h", self.host, "-k", str(self.dir)]
         for key, value in self.settings.items():
             argv += ["-c", f"{key}={value}"]
-        log_path = self.dir / "postgres.log"
-        log_path.touch()
-        self._chown()
-        self.process = ManagedProcess("postgres", argv, log_path)
-        with open(log_path, "ab") as log_file:
-            self.process.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.dir, **self._popen_options())
-        self._wait_ready()
-        return self
+        return argv
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            try:
-                self.execute("SELECT 1", dbname="postgres")
-                return
-            except Exception as exc:
-                if not self.process.alive:
-                    raise PostgresError(f"postgres exited:\n{self.process.log_tail()}") from exc
-                if time.monotonic() > deadline:
-                    raise PostgresError(f"postgres not ready after {self.startup_timeout:.0f}s: {exc}\n"
-                                        f"{self.process.log_tail()}") from exc
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Stop the server (a fast shutdown: SIGINT), SIGKILL if it does not exit."""
-        if self.process and self.process.alive:
-            import signal
-
-            self.process.process.send_signal(signal.SIGINT)
-            try:
-                self.process.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.process.pid, signal.SIGKILL)
-                self.process.process.wait()
-
-    def restart(self, downtime: float = 0.0) -> None:
-        """Stop and start again on the same port with the same data."""
-        self.stop()
-        time.sleep(downtime)
-        self.start()
+    def ready(self) -> bool:
+        self.execute("SELECT 1", dbname="postgres")
+        return True
 
     # -- use -------------------------------------------------------------------------------
 
@@ -182,5 +133,4 @@ class PostgresServer:
 
     def log(self) -> str:
         """The server's log."""
-        path = self.dir / "postgres.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,5 +1,10 @@
 """pytest fixtures: a session-wide local cluster (process kubelet, or a real node), Redis,
-RabbitMQ and PostgreSQL, a fresh namespace per test."""
+RabbitMQ and PostgreSQL, a fresh namespace per test.
+
+A test that needs what this machine lacks (a Debian package, root, cgroups, Go) fails with
+the one line of its :class:`~k8s_celery.testing.requirements.MissingRequirement`: what is
+missing and how to get it, no traceback. It is never skipped.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,22 @@ import re
 import secrets
 
 import pytest
+
+from .requirements import MissingRequirement
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None and call.excinfo.errisinstance(MissingRequirement):
+        call.excinfo = _failure(f"{call.excinfo.value}")
+    return (yield)
+
+
+def _failure(message: str) -> pytest.ExceptionInfo:
+    try:
+        pytest.fail(message, pytrace=False)
+    except pytest.fail.Exception:
+        return pytest.ExceptionInfo.from_current()
 
 
 @pytest.fixture(scope="session")

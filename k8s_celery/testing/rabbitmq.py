@@ -23,25 +23,23 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import urllib3
 
-from .cluster import ManagedProcess, free_port
+from .requirements import require_package
+from .server import LocalServer, ManagedProcess, ServerError, free_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 USER, PASSWORD = "guest", "guest"
 
 
-class RabbitMQError(RuntimeError):
+class RabbitMQError(ServerError):
     """The RabbitMQ node failed to start, or a ``rabbitmqctl`` call failed."""
 
 
-class RabbitMQServer:
+class RabbitMQServer(LocalServer):
     """An isolated ``rabbitmq-server`` node in a temporary directory.
 
     ``management=True`` enables the management plugin (HTTP API on
@@ -49,27 +47,27 @@ class RabbitMQServer:
     extra ``{rabbit, [...]}`` entries in Erlang term syntax for ``advanced.config``.
     """
 
+    name = "rabbitmq"
+    error = RabbitMQError
+
     def __init__(self, consumer_timeout: int | None = None, channel_tick_interval: int | None = None,
                  management: bool = True, advanced: list[str] | None = None,
                  startup_timeout: float = 90.0, bin_dir: Path | str = RABBITMQ_BIN):
         self.bin_dir = Path(bin_dir)
-        self.server = self.bin_dir / "rabbitmq-server"
-        if not self.server.exists():
-            raise RabbitMQError(f"{self.server} not found: apt-get install rabbitmq-server")
+        self.server = Path(require_package("rabbitmq-server", str(self.bin_dir / "rabbitmq-server")))
         self.epmd_executable = shutil.which("epmd") or "/usr/bin/epmd"
+        super().__init__(startup_timeout)
+        self.log_path = self.dir / "log" / "stdout.log"
         self.consumer_timeout = consumer_timeout
         self.channel_tick_interval = channel_tick_interval
         self.management = management
         self.advanced = list(advanced or [])
-        self.startup_timeout = startup_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="k8s-celery-rabbitmq-"))
         self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
         self.management_port = free_port() if management else None
         self.nodename = f"kc{secrets.token_hex(4)}@localhost"
         self.url = f"amqp://{USER}:{PASSWORD}@127.0.0.1:{self.port}//"
         self.management_url = f"http://127.0.0.1:{self.management_port}" if management else None
         self.epmd: ManagedProcess | None = None
-        self.process: ManagedProcess | None = None
         self._write_files()
 
     # -- files and environment -----------------------------------------------------------
@@ -127,80 +125,40 @@ class RabbitMQServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> RabbitMQServer:
-        try:
-            return self.start()
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def start(self) -> RabbitMQServer:
-        """Start epmd and the node; return once AMQP (and the management API) answer."""
+    def prepare(self) -> None:
+        """The node's own epmd, on its private port (kept across restarts)."""
         if self.epmd is None or not self.epmd.alive:
             self.epmd = ManagedProcess("epmd", [self.epmd_executable, "-port", str(self.epmd_port),
                                                 "-address", "127.0.0.1"], self.dir / "log" / "epmd.log")
             self.epmd.start()
-        self.process = ManagedProcess("rabbitmq", [str(self.server)], self.dir / "log" / "stdout.log")
-        self._spawn(self.process)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def _spawn(self, process: ManagedProcess) -> None:
-        with open(process.log_path, "ab") as log_file:
-            process.process = subprocess.Popen(process.argv, env=self.env, cwd=self.dir,
-                                               stdin=subprocess.DEVNULL, stdout=log_file,
-                                               stderr=subprocess.STDOUT, start_new_session=True)
+    def command(self) -> list[str]:
+        return [str(self.server)]
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while not self._amqp_ready() or (self.management and not self._management_ready()):
-            if not self.process.alive:
-                raise RabbitMQError(f"rabbitmq-server exited with {self.process.process.returncode}:\n"
-                                    f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RabbitMQError(f"rabbitmq-server not ready after {self.startup_timeout:.0f}s:\n"
-                                    f"{self.log_tail()}")
-            time.sleep(0.2)
+    def popen_options(self) -> dict:
+        return {"env": self.env}
+
+    def ready(self) -> bool:
+        return self._amqp_ready() and (not self.management or self._management_ready())
 
     def _amqp_ready(self) -> bool:
         import amqp
 
-        try:
-            connection = amqp.Connection(f"127.0.0.1:{self.port}", userid=USER, password=PASSWORD,
-                                         connect_timeout=1)
-            connection.connect()
-            connection.close()
-            return True
-        except Exception:
-            return False
+        connection = amqp.Connection(f"127.0.0.1:{self.port}", userid=USER, password=PASSWORD,
+                                     connect_timeout=1)
+        connection.connect()
+        connection.close()
+        return True
 
     def _management_ready(self) -> bool:
-        try:
-            return self.api("GET", "/api/overview", timeout=2) is not None
-        except Exception:
-            return False
+        return self.api("GET", "/api/overview", timeout=2) is not None
 
-    def stop(self) -> None:
-        """Stop the node (its whole process group) and the epmd this server started."""
-        if self.process and self.process.alive:
-            _stop_group(self.process.process, timeout=20)
-        if self.epmd and self.epmd.alive:
-            _stop_group(self.epmd.process, timeout=5)
-
-    def restart(self, downtime: float = 0.0) -> None:
-        """Stop the node and start it again on the same ports with the same data."""
-        if self.process and self.process.alive:
-            _stop_group(self.process.process, timeout=20)
-        time.sleep(downtime)
-        self.start()
+    def close(self) -> None:
+        """Stop the node and the epmd this server started; remove the directory."""
+        self.stop()
+        if self.epmd is not None and self.epmd.alive:
+            self.epmd.stop_group(timeout=5)
+        super().close()
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the node's log file (and its stdout, for start-up errors)."""
@@ -266,22 +224,3 @@ class RabbitMQServer:
     def connections(self) -> list[dict]:
         """The client connections the node has open."""
         return self.api("GET", "/api/connections") or []
-
-
-def _stop_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM a process started with its own session and everything in it; SIGKILL after
-    ``timeout``."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers: erl_child_setup, inet_gethost
-    except ProcessLookupError:
-        pass
-    if process.poll() is None:
-        process.wait()

@@ -9,12 +9,13 @@ crash-loop back-off; it ends the containers on graceful deletion, on a fault or 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from ...cluster import ApiError, object_path
 from .faults import PodFault
@@ -23,7 +24,8 @@ from .process import ContainerRun, container_spec, create_run_dir
 from .resolver import required_objects
 from .restarts import crash_backoff, should_restart
 from .security import security_error
-from .status import container_statuses, pod_status, terminated_state, termination_message, waiting_statuses
+from .status import (container_statuses, image_pull_waits, pod_status, terminated_state, termination_message,
+                     waiting_statuses)
 from .volumes import prepare_volumes
 
 if TYPE_CHECKING:
@@ -116,11 +118,11 @@ class PodRuntime:
         bad_image = next((c["image"] for c in all_containers(self.pod)
                           if self.kubelet.is_unpullable(c.get("image", ""))), None)
         if bad_image:
-            self._image_pull_failure(bad_image)
+            self._hold_waiting(image_pull_waits(bad_image))
             return
         config_error = next(filter(None, (security_error(spec, c) for c in all_containers(self.pod))), None)
         if config_error:
-            self._config_failure(config_error)
+            self._hold_waiting(itertools.repeat(("CreateContainerConfigError", config_error)))
             return
         while True:
             if not self._wait_for_references():
@@ -148,8 +150,7 @@ class PodRuntime:
         self.phase = "Running"
         self._report(self._statuses())
         while not (self.terminating or self.fault or self.kubelet._simulated_end(self.uid)):
-            self.wake.wait(1.0)
-            self.wake.clear()
+            self._sleep(1.0)
         outcome = self.kubelet._simulated_end(self.uid) or (137, "")
         for run in self.runs.values():
             run.exit_code, run.finished_at = outcome[0], now()
@@ -166,34 +167,28 @@ class PodRuntime:
             kind, name = missing[0][0], missing[0][2]
             message = f'{"secret" if kind == "secrets" else "configmap"} "{name}" not found'
             self._report(self._waiting_statuses("ContainerCreating", message))
-            self.wake.wait(0.5)
-            self.wake.clear()
+            self._sleep(0.5)
         return False
 
-    def _image_pull_failure(self, image: str) -> None:
-        reason = "ErrImagePull"
-        while not self.terminating:
-            message = (f'Failed to pull image "{image}": rpc error: code = NotFound '
-                       f'desc = failed to resolve reference "{image}": not found')
-            if reason == "ImagePullBackOff":
-                message = f'Back-off pulling image "{image}"'
+    def _hold_waiting(self, waits: Iterator[tuple[str, str]]) -> None:
+        """Report the containers waiting, for each ``(reason, message)`` of ``waits`` in
+        turn, until the pod is deleted: a pod that cannot start stays so, as on a node."""
+        for reason, message in waits:
+            if self.terminating:
+                return
             self._report(self._waiting_statuses(reason, message))
-            reason = "ImagePullBackOff" if reason == "ErrImagePull" else "ErrImagePull"
-            self.wake.wait(2.0)
-            self.wake.clear()
+            self._sleep(2.0)
 
-    def _config_failure(self, message: str) -> None:
-        while not self.terminating:
-            self._report(self._waiting_statuses("CreateContainerConfigError", message))
-            self.wake.wait(2.0)
-            self.wake.clear()
+    def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if an event (an update, a deletion, a fault) comes."""
+        self.wake.wait(seconds)
+        self.wake.clear()
 
     def _run_init_container(self, container: dict, mounts: dict[str, Path]) -> bool:
         while True:
             run = self._start(container, mounts)
             while run.poll() is None and not self.terminating:
-                self.wake.wait(0.05)
-                self.wake.clear()
+                self._sleep(0.05)
             if self.terminating or self.fault:
                 self._finish()
                 return False
@@ -239,8 +234,7 @@ class PodRuntime:
                 restarting = self._restart_exited(containers, codes, policy, mounts)
                 if not restarting and all(code is not None for code in codes.values()):
                     break
-            self.wake.wait(0.05)
-            self.wake.clear()
+            self._sleep(0.05)
         self._stop_sidecars()
         self._finish()
 

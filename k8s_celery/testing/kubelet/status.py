@@ -8,7 +8,7 @@ the kubelet failed (eviction, active deadline) its reason and message.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .faults import PodFault
 from .objects import NODE_IP, now
@@ -26,6 +26,14 @@ def waiting_statuses(containers: list[dict], reason: str, message: str = "") -> 
         {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
          "started": False, "restartCount": 0, "state": {"waiting": waiting}}
         for c in _by_name(containers)]}
+
+
+def image_pull_waits(image: str) -> Iterator[tuple[str, str]]:
+    """What the containers of a pod whose image cannot be pulled wait for, turn by turn."""
+    while True:
+        yield "ErrImagePull", (f'Failed to pull image "{image}": rpc error: code = NotFound '
+                               f'desc = failed to resolve reference "{image}": not found')
+        yield "ImagePullBackOff", f'Back-off pulling image "{image}"'
 
 
 def termination_message(run: ContainerRun, container: dict, fault: PodFault | None,

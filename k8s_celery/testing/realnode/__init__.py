@@ -3,7 +3,7 @@
 ``LocalCluster(node="real")`` starts one (:class:`RealNode`); :mod:`.images` builds
 the images its pods run. Needs root, cgroups and Debian's containerd, runc,
 containernetworking-plugins, iptables, mmdebstrap, buildah and gcc
-(``scripts/install-real-node.sh`` installs them).
+(``bash scripts/setup.sh`` installs them; :mod:`..requirements` checks them).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cluster import free_port
+from ..server import free_port
 
 
 def kubelet_config(*, node_address: str, port: int, ca_cert: Path, runtime_endpoint: str, cgroup_root: str,

@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..cluster import ManagedProcess
+from ..server import ManagedProcess
 
 log = logging.getLogger(__name__)
 

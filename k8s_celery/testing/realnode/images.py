@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import binaries
+from ..requirements import MissingRequirement, require_executable, require_real_node
 from . import pause
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ BASE_PACKAGES = ("python3", "python3-pip", "python-is-python3", "ca-certificates
 
 
 class ImageBuildError(RuntimeError):
-    """A tool is missing or a build step failed."""
+    """A build step failed (or, with ``build=False``, an image is not built)."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,14 @@ def _cached(kind: str, key: str, tag: str | None = None) -> Image:
     return Image(f"{REGISTRY}/{kind}:{tag or key}", cache_dir() / f"{kind}-{key}.oci.tar")
 
 
-def pause_image() -> Image:
+def pause_image(build: bool = True) -> Image:
     """The sandbox image (built on first use)."""
     source = binaries.go_module_dir("k8s.io/kubernetes", binaries.KUBERNETES_VERSION) / "build/pause/linux/pause.c"
     image = _cached("pause", digest(RECIPE, pause.PAUSE_TAG, source.read_bytes()), tag=pause.PAUSE_TAG)
     if not image.archive.exists():
+        if not build:
+            raise ImageBuildError(f"{image.name} is not built")
+        require_real_node()
         image.archive.parent.mkdir(parents=True, exist_ok=True)
         with building(image):
             pause.build_pause_image(image.archive, image.name)
@@ -113,9 +117,7 @@ class Buildah:
 
     def __init__(self, root: Path | None = None):
         self.root = root or binaries.cache_root() / "buildah"
-        self.executable = shutil.which("buildah")
-        if not self.executable:
-            raise ImageBuildError("buildah is not installed (apt-get install buildah)")
+        self.executable = require_executable("buildah", "buildah")
 
     def __call__(self, *args: str, check: bool = True) -> str:
         argv = [self.executable, "--root", str(self.root / "storage"), "--runroot", str(self.root / "run"),
@@ -205,10 +207,12 @@ def dockerfile_context_paths(dockerfile: Path = DOCKERFILE) -> list[str]:
 
 
 class ImageBuilder:
-    """Builds (or finds in the cache) every image the real-node tests and demo use."""
+    """Builds (or finds in the cache) every image the real-node tests and demo use;
+    ``build=False`` only finds them (:class:`ImageBuildError` for one not built)."""
 
-    def __init__(self, repository: Path = ROOT):
+    def __init__(self, repository: Path = ROOT, build: bool = True):
         self.repository = repository
+        self.build = build
         cache_dir().mkdir(parents=True, exist_ok=True)
         self._buildah: Buildah | None = None
         self._k8s_celery: Image | None = None
@@ -294,13 +298,15 @@ class ImageBuilder:
         return self.app("demo-app", self.repository / "examples" / "app", ["demo_app.py"])
 
     def all(self) -> dict[str, Image]:
-        return {"pause": pause_image(), "python": self.python(), "python-deps": self.python_deps(),
+        return {"pause": pause_image(self.build), "python": self.python(), "python-deps": self.python_deps(),
                 "k8s-celery": self.k8s_celery(), "taskapp": self.taskapp(), "demo-app": self.demo_app()}
 
-    @staticmethod
-    def _built(image: Image, build) -> Image:
+    def _built(self, image: Image, build) -> Image:
         if image.archive.exists():
             return image
+        if not self.build:
+            raise ImageBuildError(f"{image.name} is not built")
+        require_real_node()
         # Another checkout's run may be building the same image: wait for it, then reuse.
         kind = image.archive.name.rsplit("-", 1)[0]
         with open(cache_dir() / f".{kind}.lock", "a+") as lock:
@@ -311,9 +317,7 @@ class ImageBuilder:
         return image
 
     def _debootstrap(self, image: Image, suite: str, sources: Path) -> Image:
-        mmdebstrap = shutil.which("mmdebstrap")
-        if not mmdebstrap:
-            raise ImageBuildError("mmdebstrap is not installed (apt-get install mmdebstrap)")
+        mmdebstrap = require_executable("mmdebstrap", "mmdebstrap")
         with tempfile.TemporaryDirectory(prefix="k8s-celery-rootfs-") as work:
             rootfs = Path(work) / "rootfs.tar"
             done = subprocess.run([
@@ -337,12 +341,13 @@ class ImageBuilder:
         return self.buildah.export(image)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """``[--check]``: build (or only look for) every image; print their archives."""
     logging.basicConfig(level=logging.INFO)
     started = time.monotonic()
     try:
-        built = ImageBuilder().all()
-    except ImageBuildError as exc:
+        built = ImageBuilder(build="--check" not in argv).all()
+    except (ImageBuildError, MissingRequirement) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for kind, image in built.items():
@@ -353,4 +358,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

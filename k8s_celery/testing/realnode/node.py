@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ...cluster import ApiError, collection_path, object_path
 from .. import binaries
-from ..cluster import ManagedProcess, free_port
+from ..requirements import require_real_node
+from ..server import ManagedProcess, free_port
 from . import certs as node_certs
 from . import cleanup, components, images, network
 from .cgroups import CgroupRoot
@@ -51,6 +52,7 @@ class RealNode:
                  pod_cidr: str = "10.88.0.0/16", service_cidr: str = "10.0.0.0/24",
                  bin_dir: str | Path | None = None, build: bool = True, startup_timeout: float = 120.0,
                  lock_timeout: float = 900.0):
+        require_real_node()
         self.workdir = workdir
         self.node_name = node_name
         self.node_address = node_address

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The one installer. Sets up, when missing, everything the tests (default) or the demo need;
+# idempotent, and quiet once done. scripts/test.sh, scripts/demo.sh, scripts/test-matrix.sh
+# and scripts/celery-suite.sh set up through it; .ci/run adds nothing to it.
+#
+#   bash scripts/setup.sh                      # what the tests need
+#   bash scripts/setup.sh --demo               # what the demo needs
+#   bash scripts/setup.sh --demo --real-node   # what the demo on a real node needs
+#
+# 1. Debian packages (apt-get, as root): redis-server; for the tests also rabbitmq-server and
+#    postgresql; for the real node containerd, runc, containernetworking-plugins, iptables,
+#    and what builds its images: mmdebstrap, buildah, gcc and libc6-dev.
+# 2. The virtualenv .venv with k8s-celery and its test extras.
+# 3. The local control plane (etcd, kube-apiserver, kube-controller-manager, kubectl, helm),
+#    built from the upstream Go modules once, cached in ~/.cache/k8s-celery.
+# 4. When this machine can run a real node: its kubelet, kube-proxy and kube-scheduler, and
+#    the pod images (built here from Debian packages, PyPI and deploy/docker/Dockerfile).
+#
+# A part this machine cannot have (no root for apt-get, no cgroups, no Go) is named in one
+# line and set-up goes on; the tests that need it fail with that same line.
+set -euo pipefail
+source "$(dirname "$0")/lib/env.sh"
+
+demo=false real_node=true
+for arg in "$@"; do
+    case "$arg" in
+        --demo) demo=true real_node=false ;;
+        --real-node) real_node=true ;;
+        *) echo "usage: bash scripts/setup.sh [--demo [--real-node]]" >&2; exit 2 ;;
+    esac
+done
+
+say() { echo "setup: $*" >&2; }
+
+# -- 1. Debian packages: <a file the package installs> <the package> ----------------------
+packages=(/usr/bin/redis-server redis-server)
+$demo || packages+=(/usr/lib/rabbitmq/bin/rabbitmq-server rabbitmq-server
+                    "/usr/lib/postgresql/*/bin/initdb" postgresql)
+if $real_node; then
+    packages+=(/usr/bin/containerd containerd /usr/sbin/runc runc
+               /usr/lib/cni/bridge containernetworking-plugins /usr/sbin/iptables iptables
+               /usr/bin/mmdebstrap mmdebstrap /usr/bin/buildah buildah /usr/bin/gcc gcc
+               "/usr/lib/$(uname -m)-linux-gnu/libc.a" libc6-dev)
+fi
+missing=()
+for ((i = 0; i < ${#packages[@]}; i += 2)); do
+    compgen -G "${packages[i]}" >/dev/null || missing+=("${packages[i + 1]}")
+done
+if (( ${#missing[@]} )); then
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+        say "installing ${missing[*]} (apt-get)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+    else
+        say "missing Debian packages: ${missing[*]} (as root: apt-get install ${missing[*]});" \
+            "the tests that need them fail until then"
+    fi
+fi
+
+# -- 2. the virtualenv --------------------------------------------------------------------
+use_venv
+
+# -- 3 and 4. builds, each once; its output goes to a log, and only a failure shows it -----
+build_log="${K8S_CELERY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-celery}/setup.log"
+mkdir -p "$(dirname "$build_log")"
+build() {  # build <what> <python module and arguments...>
+    local what="$1"
+    shift
+    if "$VENV_PYTHON" -m "$@" --check >/dev/null 2>&1; then
+        return 0
+    fi
+    say "building $what; log: $build_log"
+    if ! "$VENV_PYTHON" -m "$@" >>"$build_log" 2>&1; then
+        tail -n 30 "$build_log" >&2
+        say "building $what failed; the tests that need it fail until it is built"
+        return 1
+    fi
+}
+build "the local control plane (about 5 minutes on 2 cores)" k8s_celery.testing.binaries || true
+if $real_node; then
+    if unavailable="$("$VENV_PYTHON" -m k8s_celery.testing.requirements --real-node 2>&1)"; then
+        build "the real node's kubelet, kube-proxy and kube-scheduler (about 30 seconds)" \
+            k8s_celery.testing.binaries --node &&
+            build "the pod images (about 2 minutes the first time)" k8s_celery.testing.realnode.images || true
+    else
+        say "$unavailable"
+    fi
+fi
