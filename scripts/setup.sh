@@ -31,6 +31,8 @@ for arg in "$@"; do
 done
 
 say() { echo "setup: $*" >&2; }
+log="${K8S_CELERY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-celery}/setup.log"
+mkdir -p "$(dirname "$log")"
 
 # -- 1. Debian packages: <a file the package installs> <the package> ----------------------
 packages=(/usr/bin/redis-server redis-server)
@@ -48,10 +50,12 @@ for ((i = 0; i < ${#packages[@]}; i += 2)); do
 done
 if (( ${#missing[@]} )); then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
-        say "installing ${missing[*]} (apt-get)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+        say "installing ${missing[*]} (apt-get; log: $log)"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                   --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}"; } >>"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            say "apt-get failed; the tests that need ${missing[*]} fail until they are installed"
+        fi
     else
         say "missing Debian packages: ${missing[*]} (as root: apt-get install ${missing[*]});" \
             "the tests that need them fail until then"
@@ -62,17 +66,15 @@ fi
 use_venv
 
 # -- 3 and 4. builds, each once; its output goes to a log, and only a failure shows it -----
-build_log="${K8S_CELERY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-celery}/setup.log"
-mkdir -p "$(dirname "$build_log")"
 build() {  # build <what> <python module and arguments...>
     local what="$1"
     shift
     if "$VENV_PYTHON" -m "$@" --check >/dev/null 2>&1; then
         return 0
     fi
-    say "building $what; log: $build_log"
-    if ! "$VENV_PYTHON" -m "$@" >>"$build_log" 2>&1; then
-        tail -n 30 "$build_log" >&2
+    say "building $what; log: $log"
+    if ! "$VENV_PYTHON" -m "$@" >>"$log" 2>&1; then
+        tail -n 30 "$log" >&2
         say "building $what failed; the tests that need it fail until it is built"
         return 1
     fi
