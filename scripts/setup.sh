@@ -84,7 +84,7 @@ if $real_node; then
     if unavailable="$("$VENV_PYTHON" -m k8s_celery.testing.requirements --real-node 2>&1)"; then
         build "the real node's kubelet, kube-proxy and kube-scheduler (about 30 seconds)" \
             k8s_celery.testing.binaries --node &&
-            build "the pod images (about 2 minutes the first time)" k8s_celery.testing.realnode.images || true
+            build "the pod images (about 1 minute the first time)" k8s_celery.testing.realnode.images || true
     else
         say "$unavailable"
     fi
