@@ -31,23 +31,21 @@ for arg in "$@"; do
 done
 
 say() { echo "setup: $*" >&2; }
-log="${K8S_CELERY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-celery}/setup.log"
+# Standard library only: these run before the virtualenv exists.
+requirements() { PYTHONPATH="$REPO_ROOT" "$(base_python)" -m k8s_celery.testing.requirements "$@"; }
+log="$(PYTHONPATH="$REPO_ROOT" "$(base_python)" -c \
+       'from k8s_celery.testing.binaries import cache_root; print(cache_root())')/setup.log"
 mkdir -p "$(dirname "$log")"
 
-# -- 1. Debian packages: <a file the package installs> <the package> ----------------------
-packages=(/usr/bin/redis-server redis-server)
-$demo || packages+=(/usr/lib/rabbitmq/bin/rabbitmq-server rabbitmq-server
-                    "/usr/lib/postgresql/*/bin/initdb" postgresql)
-if $real_node; then
-    packages+=(/usr/bin/containerd containerd /usr/sbin/runc runc
-               /usr/lib/cni/bridge containernetworking-plugins /usr/sbin/iptables iptables
-               /usr/bin/mmdebstrap mmdebstrap /usr/bin/buildah buildah /usr/bin/gcc gcc
-               "/usr/lib/$(uname -m)-linux-gnu/libc.a" libc6-dev)
+# -- 1. Debian packages (k8s_celery/testing/requirements.py lists them) --------------------
+if ! $demo; then
+    sets=(tests)
+elif $real_node; then
+    sets=(demo real-node)
+else
+    sets=(demo)
 fi
-missing=()
-for ((i = 0; i < ${#packages[@]}; i += 2)); do
-    compgen -G "${packages[i]}" >/dev/null || missing+=("${packages[i + 1]}")
-done
+read -ra missing <<<"$(requirements --missing-packages "${sets[@]}")"
 if (( ${#missing[@]} )); then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
         say "installing ${missing[*]} (apt-get; log: $log)"
@@ -81,7 +79,7 @@ build() {  # build <what> <python module and arguments...>
 }
 build "the local control plane (about 5 minutes on 2 cores)" k8s_celery.testing.binaries || true
 if $real_node; then
-    if unavailable="$("$VENV_PYTHON" -m k8s_celery.testing.requirements --real-node 2>&1)"; then
+    if unavailable="$(requirements --real-node 2>&1)"; then
         build "the real node's kubelet, kube-proxy and kube-scheduler (about 30 seconds)" \
             k8s_celery.testing.binaries --node &&
             build "the pod images (about 1 minute the first time)" k8s_celery.testing.realnode.images || true

@@ -20,11 +20,11 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .requirements import require_package
+from .requirements import SERVER_PACKAGES, require_package
 from .server import LocalServer, ServerError, free_port
 
 SUPERUSER = "postgres"
-INITDB = "/usr/lib/postgresql/*/bin/initdb"
+INITDB = SERVER_PACKAGES["postgresql"]
 
 
 class PostgresError(ServerError):

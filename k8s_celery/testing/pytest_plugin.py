@@ -20,7 +20,7 @@ from .requirements import MissingRequirement
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     if call.excinfo is not None and call.excinfo.errisinstance(MissingRequirement):
-        call.excinfo = _failure(f"{call.excinfo.value}")
+        call.excinfo = _failure(str(call.excinfo.value))
     return (yield)
 
 

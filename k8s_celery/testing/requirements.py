@@ -5,7 +5,8 @@ is missing and how to get it; the pytest plugin reports a test that needs it as 
 with exactly that line (never skipped). ``bash scripts/setup.sh`` installs all of it.
 
 ``python -m k8s_celery.testing.requirements --real-node`` exits 0 when this machine can
-run a real node and its image builds, else prints why and exits 1.
+run a real node and its image builds, else prints why and exits 1; ``--missing-packages
+tests`` (or ``demo``, ``real-node``) prints the Debian packages of that use not installed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from pathlib import Path
 
 SETUP = "bash scripts/setup.sh"
 
+#: The Debian packages of the test servers: a file (a glob) each one installs.
+SERVER_PACKAGES = {
+    "redis-server": "/usr/bin/redis-server",
+    "rabbitmq-server": "/usr/lib/rabbitmq/bin/rabbitmq-server",
+    "postgresql": "/usr/lib/postgresql/*/bin/initdb",
+}
+
 #: The Debian packages of the real node and its image builds: a file each one installs.
 REAL_NODE_PACKAGES = {
     "containerd": "/usr/bin/containerd",
@@ -28,6 +36,14 @@ REAL_NODE_PACKAGES = {
     "buildah": "/usr/bin/buildah",
     "gcc": "/usr/bin/gcc",
     "libc6-dev": f"/usr/lib/{os.uname().machine}-linux-gnu/libc.a",
+}
+
+
+#: What each use of the machine needs (``scripts/setup.sh`` installs the packages of its choice).
+PACKAGE_SETS = {
+    "tests": {**SERVER_PACKAGES, **REAL_NODE_PACKAGES},
+    "demo": {"redis-server": SERVER_PACKAGES["redis-server"]},
+    "real-node": REAL_NODE_PACKAGES,
 }
 
 
@@ -106,9 +122,19 @@ def real_node_unavailable() -> str | None:
     return unavailable(problems) if problems else None
 
 
+USAGE = """usage: python -m k8s_celery.testing.requirements --real-node
+       python -m k8s_celery.testing.requirements --missing-packages {tests,demo,real-node}..."""
+
+
 def main(argv: list[str]) -> int:
+    """``--real-node``: exit 1 with the reason when this machine cannot run a real node.
+    ``--missing-packages SET...``: print the Debian packages of those sets not installed."""
+    if argv[:1] == ["--missing-packages"] and argv[1:] and set(argv[1:]) <= set(PACKAGE_SETS):
+        files = {package: file for name in argv[1:] for package, file in PACKAGE_SETS[name].items()}
+        print(" ".join(missing_packages(files)))
+        return 0
     if argv != ["--real-node"]:
-        print("usage: python -m k8s_celery.testing.requirements --real-node", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     why = real_node_unavailable()
     if why:

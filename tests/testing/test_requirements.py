@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from k8s_celery.testing.requirements import install_hint, missing_packages
+from k8s_celery.testing.requirements import PACKAGE_SETS, install_hint, missing_packages
 
 
 def run_pytest(directory, source: str, *, as_non_root: bool = False) -> subprocess.CompletedProcess:
@@ -64,6 +64,16 @@ def test_the_requirements_command_says_why_a_real_node_cannot_run(tmp_path):
     assert subprocess.run(argv, capture_output=True, text=True, timeout=60).returncode == 0
 
 
+def test_the_requirements_command_lists_missing_packages_by_use():
+    """What scripts/setup.sh installs: on this machine, set up by it, nothing is missing."""
+    command = [sys.executable, "-m", "k8s_celery.testing.requirements", "--missing-packages"]
+    for sets in (["tests"], ["demo"], ["demo", "real-node"]):
+        listed = subprocess.run([*command, *sets], capture_output=True, text=True, timeout=60)
+        assert (listed.returncode, listed.stdout) == (0, "\n")
+    refused = subprocess.run([*command, "everything"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "usage:" in refused.stderr
+
+
 def test_missing_packages_are_those_whose_file_is_absent(tmp_path):
     (tmp_path / "lib" / "15" / "bin").mkdir(parents=True)
     (tmp_path / "lib" / "15" / "bin" / "initdb").touch()
@@ -71,3 +81,8 @@ def test_missing_packages_are_those_whose_file_is_absent(tmp_path):
     assert missing_packages(files) == ["buildah"]
     assert install_hint(["buildah"]).endswith("installs it (as root: apt-get install buildah)")
     assert "installs them (as root: apt-get install runc iptables)" in install_hint(["runc", "iptables"])
+
+
+def test_the_tests_need_the_servers_and_the_real_node_and_the_demo_only_redis():
+    assert set(PACKAGE_SETS["tests"]) == {"redis-server", "rabbitmq-server", "postgresql", *PACKAGE_SETS["real-node"]}
+    assert set(PACKAGE_SETS["demo"]) == {"redis-server"}

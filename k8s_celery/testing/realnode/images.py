@@ -102,13 +102,25 @@ def pause_image(build: bool = True) -> Image:
     """The sandbox image (built on first use)."""
     source = binaries.go_module_dir("k8s.io/kubernetes", binaries.KUBERNETES_VERSION) / "build/pause/linux/pause.c"
     image = _cached("pause", digest(RECIPE, pause.PAUSE_TAG, source.read_bytes()), tag=pause.PAUSE_TAG)
-    if not image.archive.exists():
-        if not build:
-            raise ImageBuildError(f"{image.name} is not built")
-        require_real_node()
-        image.archive.parent.mkdir(parents=True, exist_ok=True)
-        with building(image):
-            pause.build_pause_image(image.archive, image.name)
+    return built(image, lambda: pause.build_pause_image(image.archive, image.name), build)
+
+
+def built(image: Image, build_it, build: bool = True) -> Image:
+    """``image``, calling ``build_it()`` first when its archive is not in the cache (with
+    ``build=False``, :class:`ImageBuildError` instead)."""
+    if image.archive.exists():
+        return image
+    if not build:
+        raise ImageBuildError(f"{image.name} is not built")
+    require_real_node()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    # Another checkout's run may be building the same image: wait for it, then reuse.
+    kind = image.archive.name.rsplit("-", 1)[0]
+    with open(cache_dir() / f".{kind}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image.archive.exists():
+            with building(image):
+                build_it()
     return image
 
 
@@ -228,7 +240,7 @@ class ImageBuilder:
         sources = apt_sources()
         suite = os_codename()
         image = _cached("python", digest(RECIPE, suite, sources.read_text(), *BASE_PACKAGES))
-        return self._built(image, lambda: self._debootstrap(image, suite, sources))
+        return built(image, lambda: self._debootstrap(image, suite, sources), self.build)
 
     def python_deps(self) -> Image:
         """``python`` plus k8s-celery's dependencies: an app image before k8s-celery is added."""
@@ -244,7 +256,7 @@ class ImageBuilder:
                 containerfile.write_text(f"FROM {python.name}\n"
                                          f"RUN python -m pip install --no-cache-dir {quoted}\n")
                 return self.buildah.bud(image, Path(work), containerfile, {})
-        return self._built(image, build)
+        return built(image, build, self.build)
 
     def k8s_celery(self) -> Image:
         """The project's own Dockerfile, built on the Debian-made Python images."""
@@ -269,7 +281,7 @@ class ImageBuilder:
                     self.buildah.ensure(deps)
                     return self.buildah.bud(image, context, DOCKERFILE,
                                             {"PYTHON_IMAGE": python.name, "BASE_IMAGE": deps.name})
-                self._k8s_celery = self._built(image, build)
+                self._k8s_celery = built(image, build, self.build)
         return self._k8s_celery
 
     def app(self, kind: str, directory: Path, files: list[str]) -> Image:
@@ -287,7 +299,7 @@ class ImageBuilder:
                 (context / "Containerfile").write_text(
                     f"FROM {base.name}\n{copies}ENV PYTHONPATH=/app\nWORKDIR /app\n")
                 return self.buildah.bud(image, context, context / "Containerfile", {})
-            return self._built(image, build)
+            return built(image, build, self.build)
 
     def taskapp(self) -> Image:
         """The tests' Celery app (``tests/apps/taskapp.py``)."""
@@ -300,21 +312,6 @@ class ImageBuilder:
     def all(self) -> dict[str, Image]:
         return {"pause": pause_image(self.build), "python": self.python(), "python-deps": self.python_deps(),
                 "k8s-celery": self.k8s_celery(), "taskapp": self.taskapp(), "demo-app": self.demo_app()}
-
-    def _built(self, image: Image, build) -> Image:
-        if image.archive.exists():
-            return image
-        if not self.build:
-            raise ImageBuildError(f"{image.name} is not built")
-        require_real_node()
-        # Another checkout's run may be building the same image: wait for it, then reuse.
-        kind = image.archive.name.rsplit("-", 1)[0]
-        with open(cache_dir() / f".{kind}.lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not image.archive.exists():
-                with building(image):
-                    build()
-        return image
 
     def _debootstrap(self, image: Image, suite: str, sources: Path) -> Image:
         mmdebstrap = require_executable("mmdebstrap", "mmdebstrap")
