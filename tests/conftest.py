@@ -251,6 +251,20 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+def scrape_settled(port: int, acks: int, timeout: float = 30) -> dict[tuple[str, tuple], float]:
+    """The worker's samples once it counted ``acks`` acks and holds no Job in flight.
+
+    The results come from the pods; the worker's acks (and counts) follow within moments,
+    and each slot is freed once its Job is deleted, after the ack.
+    """
+    def settled(samples):
+        done = samples.get(("k8s_celery_ack_seconds_count", ())) == acks
+        return samples if done and samples.get(("k8s_celery_jobs_in_flight", ())) == 0 else None
+
+    return wait_until(lambda: settled(scrape(port)), timeout=timeout,
+                      message=f"{acks} acks counted, no Job in flight")
+
+
 class EventRecorder:
     """Records the task events the workers send (``task-*``), per task id, in order."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import urllib3
 
-from conftest import scrape
+from conftest import scrape_settled
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.server import free_port
 
@@ -18,13 +18,7 @@ def test_metrics_count_the_run(start_shim, taskapp):
     assert [taskapp.add.delay(i, i).get(timeout=60) for i in range(3)] == [0, 2, 4]
     with pytest.raises(ValueError):
         taskapp.fail.delay("metrics").get(timeout=60)
-    # The results come from the pods; the worker's acks (and counts) follow within moments,
-    # and each slot is freed once its Job is deleted, after the ack.
-    def settled(samples):
-        done = samples.get(("k8s_celery_ack_seconds_count", ())) == 4
-        return samples if done and samples.get(("k8s_celery_jobs_in_flight", ())) == 0 else None
-
-    samples = wait_until(lambda: settled(scrape(port)), timeout=30, message="four acks counted, no Job in flight")
+    samples = scrape_settled(port, acks=4)
     add = (("queue", "kubernetes"), ("task", "taskapp.add"))
     assert samples[("k8s_celery_jobs_launched_total", add)] == 3
     assert samples[("k8s_celery_task_outcomes_total", tuple(sorted(add + (("outcome", "succeeded"),))))] == 3
