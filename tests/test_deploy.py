@@ -22,7 +22,7 @@ from conftest import APPS, dump_json, run_check, scrape_settled
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.config import validate_job_manifest, validate_object
-from k8s_celery.testing import wait_until
+from k8s_celery.testing import wait_for_condition, wait_until
 from k8s_celery.testing.binaries import go_module_dir, helm_binary
 from k8s_celery.testing.server import free_port
 
@@ -129,8 +129,8 @@ def test_everything_passes_a_server_side_dry_run(k8s_cluster, k8s_namespace):
     crd_dir = go_module_dir(*PROMETHEUS_OPERATOR) / "example" / "prometheus-operator-crd"
     kubectl_run(k8s_cluster, "apply", "--server-side", "-f",
                 str(crd_dir / "monitoring.coreos.com_servicemonitors.yaml"))
-    kubectl_run(k8s_cluster, "wait", "--for=condition=Established", "--timeout=60s",
-                "crd/servicemonitors.monitoring.coreos.com")
+    wait_for_condition(k8s_cluster.api, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                       "servicemonitors.monitoring.coreos.com", "Established")
     chart = helm_template({**REQUIRED_VALUES, "metrics": {"serviceMonitor": {"enabled": True}}},
                           namespace=k8s_namespace)
     base = kustomize(k8s_cluster.bin_dir / "kubectl")

@@ -34,6 +34,34 @@ def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
+def wait_for_condition(api, path: str, types: str | tuple[str, ...], timeout: float = 60.0,
+                       status: str = "True") -> dict:
+    """Read the object at ``path`` until one of its conditions ``types`` has ``status``.
+
+    Returns that condition. An object its controller has not written a status for yet
+    (``kubectl wait`` fails at once on a missing ``.status.conditions``), or one not
+    created yet, is waited for; a timeout names the last status seen.
+    """
+    from ..cluster import ApiError
+
+    wanted = (types,) if isinstance(types, str) else types
+    last: dict = {"status": "never read"}
+
+    def condition() -> dict | None:
+        try:
+            last["status"] = api.get(path).get("status", {})
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+            last["status"] = "not found"
+            return None
+        return next((c for c in last["status"].get("conditions") or []
+                     if c.get("type") in wanted and c.get("status") == status), None)
+
+    return wait_until(condition, timeout=timeout, interval=0.2,
+                      message=lambda: f"{' or '.join(wanted)}={status} on {path}; last status: {last['status']}")
+
+
 _LAZY = {"LocalCluster": ".cluster", "ProcessKubelet": ".kubelet", "RedisServer": ".redis",
          "RabbitMQServer": ".rabbitmq", "PostgresServer": ".postgres"}
 
@@ -47,4 +75,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = [*_LAZY, "wait_until"]
+__all__ = [*_LAZY, "wait_for_condition", "wait_until"]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from k8s_celery.cluster import ApiError, collection_path, object_path
-from k8s_celery.testing import wait_until
+from k8s_celery.testing import wait_for_condition, wait_until
 from k8s_celery.testing.cluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
@@ -25,10 +25,9 @@ def job(name: str, script: str, **spec) -> dict:
             "spec": {"backoffLimit": 0, "template": {"spec": pod_spec}, **spec}}
 
 
-def job_condition(api, namespace: str, name: str) -> dict | None:
-    status = api.get(object_path("jobs", namespace, name)).get("status", {})
-    return next((c for c in status.get("conditions") or []
-                 if c["type"] in ("Complete", "Failed") and c["status"] == "True"), None)
+def job_end(api, namespace: str, name: str) -> dict:
+    """The Job's Complete or Failed condition, once the Job controller has written it."""
+    return wait_for_condition(api, object_path("jobs", namespace, name), ("Complete", "Failed"))
 
 
 def pods_of(api, namespace: str, job_name: str) -> list[dict]:
@@ -50,7 +49,7 @@ def test_job_completes_with_termination_message(k8s_cluster, k8s_namespace):
     api = k8s_cluster.api
     api.create(collection_path("jobs", k8s_namespace),
                job("hello", "echo done > /dev/termination-log"))
-    condition = wait_until(lambda: job_condition(api, k8s_namespace, "hello"), message="job end")
+    condition = job_end(api, k8s_namespace, "hello")
     assert condition["type"] == "Complete"
     [pod] = pods_of(api, k8s_namespace, "hello")
     assert pod["status"]["phase"] == "Succeeded"
@@ -75,7 +74,7 @@ def test_security_context_user_groups_and_read_only_root(k8s_cluster, k8s_namesp
                         "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False},
                         "volumeMounts": [{"name": "private", "mountPath": "/etc/private", "readOnly": True},
                                          {"name": "scratch", "mountPath": "/scratch"}]}]}))
-    wait_until(lambda: job_condition(api, k8s_namespace, "restricted"), message="job end")
+    job_end(api, k8s_namespace, "restricted")
     [pod] = pods_of(api, k8s_namespace, "restricted")
     # The group-readable (0440) Secret is readable through fsGroup; the root filesystem is not writable.
     assert terminated(pod)["message"].split() == ["1000:1000:1000,2000:k", "scratch-writable"]
@@ -109,7 +108,7 @@ def test_secret_env_and_volume(k8s_cluster, k8s_namespace):
                                  "secretKeyRef": {"name": "creds", "key": "password"}}}],
                              "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds",
                                                "readOnly": True}]}]}))
-    wait_until(lambda: job_condition(api, k8s_namespace, "reader"), message="job end")
+    job_end(api, k8s_namespace, "reader")
     [pod] = pods_of(api, k8s_namespace, "reader")
     assert terminated(pod)["message"].strip() == "s3cret:s3cret"
     assert not os.path.exists("/etc/creds/password"), "the mount leaked out of the pod's namespace"
@@ -134,7 +133,7 @@ def test_pod_waits_for_a_secret_that_appears_later(k8s_cluster, k8s_namespace):
     api.create(collection_path("secrets", k8s_namespace), {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"},
         "stringData": {"data": "arrived"}})
-    wait_until(lambda: job_condition(api, k8s_namespace, "waiter"), message="job end")
+    job_end(api, k8s_namespace, "waiter")
     [pod] = pods_of(api, k8s_namespace, "waiter")
     assert terminated(pod)["message"] == "arrived"
     assert time.monotonic() - created >= 2
@@ -181,7 +180,7 @@ def test_faults_fail_the_pod_and_count_in_the_job(k8s_cluster, k8s_namespace, fa
             "metadata": {"name": name, "namespace": k8s_namespace}})
     else:
         getattr(k8s_cluster.kubelet, fault)(k8s_namespace, name)
-    condition = wait_until(lambda: job_condition(api, k8s_namespace, "victim"), message="job failure")
+    condition = job_end(api, k8s_namespace, "victim")
     assert condition["type"] == "Failed"
     status = api.get(object_path("jobs", k8s_namespace, "victim"))["status"]
     assert status.get("failed") == 1
@@ -224,7 +223,7 @@ def test_eviction_api_terminates_the_pod_gracefully(k8s_cluster, k8s_namespace):
     watcher.start()
     api.create(object_path("pods", k8s_namespace, name, "eviction"), {
         "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": k8s_namespace}})
-    wait_until(lambda: job_condition(api, k8s_namespace, "graceful"), message="job failure")
+    job_end(api, k8s_namespace, "graceful")
     stop.set()
     watcher.join()
     final = [p for p in seen if p["status"].get("phase") == "Failed"]
@@ -322,7 +321,7 @@ def test_simulated_pods_run_no_process_and_end_on_command():
         pod = running_pod(cluster.api, "default", "simulated")
         assert cluster.kubelet.processes() == []
         cluster.kubelet.finish("default", pod["metadata"]["name"], exit_code=0, message="done")
-        condition = wait_until(lambda: job_condition(cluster.api, "default", "simulated"), message="job end")
+        condition = job_end(cluster.api, "default", "simulated")
         assert condition["type"] == "Complete"
         [pod] = pods_of(cluster.api, "default", "simulated")
         assert terminated(pod)["message"] == "done"
