@@ -11,6 +11,7 @@ deploy/docker/Dockerfile (needs root; see k8s_celery.testing.realnode).
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -44,6 +45,7 @@ def on_real_node(cluster, redis_server, manifest: dict) -> str:
 
 def main(argv: list[str]) -> int:
     from k8s_celery.cluster import collection_path
+    from k8s_celery.tasklogs import print_logs
     from k8s_celery.testing import LocalCluster, RedisServer, wait_until
 
     real_node = "--real-node" in argv
@@ -93,15 +95,33 @@ def main(argv: list[str]) -> int:
                 except Exception as exc:
                     print(f"  {call:20} -> {result.state}: {type(exc).__name__}: {exc}")
             print(f"all results in {time.monotonic() - started:.1f}s")
+            broken = calls["report('broken')"].id
             calls.clear()  # let the result consumers go before Redis stops
+
+            def relayed() -> list[str]:  # the failed task's pod output, in the worker's log
+                lines = log_path.read_text(errors="replace").splitlines()
+                return [line for line in lines if f"[{broken}] pod " in line]
+            try:
+                wait_until(lambda: any("FAILURE in" in line for line in relayed()), timeout=15)
+            except TimeoutError:
+                pass
+            print("the failed task's output, relayed into the worker's log:")
+            for line in relayed()[:14]:  # the header, then each line of the pod's output
+                message = line.split("] ", 1)[-1]
+                print("  " + (message.split("| ", 1)[1] if "| " in message else message)[:150])
 
             def jobs_left() -> int:
                 return len(cluster.api.list(collection_path("jobs", "default"))[0])
             try:
-                wait_until(lambda: jobs_left() == 0, timeout=10)
+                wait_until(lambda: jobs_left() == 1, timeout=10)
             except TimeoutError:
                 pass
-            print(f"Jobs left in the namespace: {jobs_left()} (each Job is deleted once its message is acked)")
+            print(f"Jobs left in the namespace: {jobs_left()} (a success's Job is deleted once its message is acked;"
+                  " a failed task's is kept an hour: K8S_CELERY_KEEP_FAILED_JOBS)")
+            answer = io.BytesIO()
+            print_logs(cluster.api, "default", broken, out=answer)
+            print(f"k8s-celery logs {broken} (the kept Job's pod, while the cluster runs):")
+            print("  " + answer.getvalue().decode(errors="replace").splitlines()[0])
             return 0
         finally:
             os.killpg(worker.pid, signal.SIGTERM)

@@ -18,23 +18,32 @@ REQUIRED_ACCESS = (
     ("batch", "jobs", "list", "find a task's Jobs on redelivery, relist the watch"),
     ("batch", "jobs", "watch", "follow every Job of the worker with one watch"),
     ("batch", "jobs", "delete", "remove finished Jobs, terminate revoked tasks"),
+    ("batch", "jobs", "patch", "keep a failed task's Job for a post-mortem"),
     ("", "pods", "list", "find a Job's pod on adoption, relist the watch"),
     ("", "pods", "watch", "follow every task pod with one watch"),
+    ("", "pods/log", "get", "relay a task pod's output into the worker's log"),
+    ("", "events", "list", "say what Kubernetes reported about a pod that never ran or was lost"),
     ("", "secrets", "create", "hand each task's payload to its pod"),
 )
 
 
+def allowed(api: KubeApi, namespace: str, group: str, resource: str, verb: str) -> bool:
+    """Ask the API server (SelfSubjectAccessReview) whether this identity may ``verb``
+    ``resource`` (``pods/log`` names a subresource) in ``namespace``."""
+    resource, _, subresource = resource.partition("/")
+    attributes = {"namespace": namespace, "group": group, "resource": resource, "verb": verb}
+    if subresource:
+        attributes["subresource"] = subresource
+    review = api.create(collection_path("selfsubjectaccessreviews"), {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes}})
+    return bool(review.get("status", {}).get("allowed"))
+
+
 def access_checks(api: KubeApi, namespace: str) -> list[tuple[str, bool, str]]:
     """One SelfSubjectAccessReview per required verb: ``(what, allowed, why)``."""
-    results = []
-    for group, resource, verb, why in REQUIRED_ACCESS:
-        review = api.create(collection_path("selfsubjectaccessreviews"), {
-            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-            "spec": {"resourceAttributes": {"namespace": namespace, "group": group,
-                                            "resource": resource, "verb": verb}}})
-        allowed = bool(review.get("status", {}).get("allowed"))
-        results.append((f"{verb} {resource}", allowed, why))
-    return results
+    return [(f"{verb} {resource}", allowed(api, namespace, group, resource, verb), why)
+            for group, resource, verb, why in REQUIRED_ACCESS]
 
 
 def run_checks(app_name: str, queues: list[str], settings: Settings, out=print) -> bool:

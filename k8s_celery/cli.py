@@ -1,4 +1,4 @@
-"""``k8s-celery worker | run-task | render | check``."""
+"""``k8s-celery worker | run-task | render | check | logs``."""
 
 from __future__ import annotations
 
@@ -102,17 +102,24 @@ def check(argv: list[str]) -> int:
     return check_main(argv)
 
 
-COMMANDS = {"worker": worker, "run-task": run_task, "render": render, "check": check}
+def logs(argv: list[str]) -> int:
+    from .tasklogs import main as logs_main
+
+    return logs_main(argv)
+
+
+COMMANDS = {"worker": worker, "run-task": run_task, "render": render, "check": check, "logs": logs}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print("usage: k8s-celery {worker,run-task,render,check} [options]\n\n"
+        print("usage: k8s-celery {worker,run-task,render,check,logs} [options]\n\n"
               "  worker    run the Celery worker whose tasks run as Kubernetes Jobs\n"
               "  run-task  run one task inside a Job's pod\n"
               "  render    print the Job and Secret a task would get\n"
-              "  check     validate configuration, manifests and RBAC",
+              "  check     validate configuration, manifests and RBAC\n"
+              "  logs      print a task's pod logs, one attempt after another",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])

@@ -270,17 +270,8 @@ class KubeApi:
                   "allowWatchBookmarks": "true", "timeoutSeconds": timeout_seconds,
                   "labelSelector": label_selector, "fieldSelector": field_selector}
         try:
-            response = self._pool.request(
-                "GET", self.url(path, params), headers=self._headers(),
-                timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
-                retries=False, preload_content=False)
-        except urllib3.exceptions.HTTPError as exc:
-            raise ApiError(0, type(exc).__name__, str(exc)) from exc
-        try:
-            if response.status != 200:
-                raise _error_from_response(response.status, response.reason, response.read())
             buffer = b""
-            for chunk in response.stream(65536, decode_content=True):
+            for chunk in self.stream(path, params, read_timeout):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -292,8 +283,29 @@ class KubeApi:
                         raise ApiError(status.get("code", 500), status.get("reason", "Error"),
                                        status.get("message", ""), status)
                     yield event["type"], event["object"]
-        except urllib3.exceptions.ReadTimeoutError as exc:
+        except TimeoutError as exc:
             raise TimeoutError(f"watch on {path} read nothing for {read_timeout}s") from exc
+
+    def stream(self, path: str, params: dict | None = None, read_timeout: float = 60.0) -> Iterator[bytes]:
+        """Yield the raw body of a GET as it arrives (a watch, a followed log), no retry.
+
+        Raises :class:`ApiError` for an error answer or a broken connection, and
+        ``TimeoutError`` when nothing arrives for ``read_timeout`` seconds. Long-lived
+        by nature, it takes no token of the rate limit.
+        """
+        try:
+            response = self._pool.request(
+                "GET", self.url(path, params), headers=self._headers(),
+                timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
+                retries=False, preload_content=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(0, type(exc).__name__, str(exc)) from exc
+        try:
+            if response.status != 200:
+                raise _error_from_response(response.status, response.reason, response.read())
+            yield from response.stream(65536, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise TimeoutError(f"GET {path} read nothing for {read_timeout}s") from exc
         except urllib3.exceptions.ProtocolError as exc:
             raise ApiError(0, "ProtocolError", str(exc)) from exc
         finally:

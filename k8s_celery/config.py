@@ -50,6 +50,16 @@ def _port(value: Any) -> int:
     return number
 
 
+POD_LOG_MODES = ("failed", "all", "none")
+
+
+def _pod_log_mode(value: Any) -> str:
+    mode = str(value).strip().lower()
+    if mode not in POD_LOG_MODES:
+        raise ValueError(f"must be one of {', '.join(POD_LOG_MODES)}")
+    return mode
+
+
 def _optional_str(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
@@ -87,6 +97,9 @@ class Settings:
     metrics_port: int | None = None
     liveness_timeout: float = 60.0
     launch_threads: int = 4
+    pod_logs: str = "failed"
+    pod_log_bytes: int = 64 * 1024
+    keep_failed_jobs: float = 3600.0
 
     @classmethod
     def parsers(cls) -> dict[str, Callable[[Any], Any]]:
@@ -98,6 +111,7 @@ class Settings:
             "watch_resync": _seconds, "launch_threads": _count, "sweep_interval": _seconds,
             "sweep_grace": _seconds, "api_qps": _seconds, "api_burst": _count,
             "metrics_port": _port, "liveness_timeout": _seconds,
+            "pod_logs": _pod_log_mode, "pod_log_bytes": _count, "keep_failed_jobs": _seconds,
         }
 
     @classmethod

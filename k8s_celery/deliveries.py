@@ -106,6 +106,8 @@ class Delivery:
         self.launch_blocked_since: float | None = None
         self.launch_attempts = 0
         self.ended_at: float | None = None
+        self.reported = False  # the outcome has been reported (acked) on Celery's loop
+        self.log_read: Any = None  # the Future of the relay's read of the pod's log
 
     @property
     def key(self) -> str:

@@ -23,6 +23,7 @@ from .config import Settings
 from .deliveries import DeliveryTable, Phase
 from .informer import ObjectCache
 from .manifest import ANNOTATION_TASK_ID, MANAGED_SELECTOR
+from .postmortem import kept
 
 log = logging.getLogger("k8s_celery.pool")
 
@@ -88,8 +89,9 @@ class Sweeper:
     A worker killed between the ack and its clean-up leaves its Job behind. Such a
     Job is deleted once it has been finished for the grace period *and* the result
     backend holds the task's final state; a Job of a task still to be retried (a lost
-    attempt) stays, since it counts the attempts. The TTL controller removes whatever
-    is left after ``job_ttl``.
+    attempt) stays, since it counts the attempts, and so does a Job kept for a
+    post-mortem until its time is up. The TTL controller removes whatever is left
+    after ``job_ttl``.
     """
 
     def __init__(self, api: KubeApi, namespace: str, app, settings: Settings):
@@ -104,7 +106,7 @@ class Sweeper:
         for job in jobs:
             metadata = job["metadata"]
             condition = outcomes.job_condition(job)
-            if metadata["uid"] in owned_uids or condition is None:
+            if metadata["uid"] in owned_uids or condition is None or kept(job):
                 continue
             if _timestamp(condition.get("lastTransitionTime")) > cutoff:
                 continue

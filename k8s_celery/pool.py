@@ -33,6 +33,7 @@ from .launcher import Launcher
 from .maintenance import Maintenance, Sweeper
 from .manifest import TaskSpec, body_bytes
 from .outcome import Outcome
+from .postmortem import PostMortem
 from .reconciler import Reconciler
 from .workqueue import WorkQueue
 
@@ -93,6 +94,7 @@ class KubernetesPool(BasePool):
         if self.settings.metrics_port:
             metrics.serve(self.settings.metrics_port, self.liveness)
         self._wire()
+        self.post_mortem.check_access()
         self.informer.start()
         if not self.informer.wait_synced(60):
             raise ConfigError(f"cannot list Jobs/Pods in namespace {self.namespace} at {self.api.host}: "
@@ -107,9 +109,10 @@ class KubernetesPool(BasePool):
         self.informer = Informer(self.api, self.namespace, self._on_job_change, self.settings.watch_resync)
         launcher = Launcher(self.api, self.namespace, self.settings, self.manifests, self.app,
                             self.app_name, self.counters)
+        self.post_mortem = PostMortem(self.api, self.namespace, self.settings, self.informer.cache)
         self.reconciler = Reconciler(self.table, self.informer.cache, launcher, self.api, self.namespace,
                                      self.settings, self.bridge, self.reporter, self.queue.add,
-                                     self.queue.add_after, self._on_slot_freed)
+                                     self.queue.add_after, self._on_slot_freed, self.post_mortem)
         self.maintenance = Maintenance(self.table, self.informer.cache, self.broker,
                                        Sweeper(self.api, self.namespace, self.app, self.settings),
                                        self.queue.add, self.settings)
@@ -122,6 +125,8 @@ class KubernetesPool(BasePool):
         """
         self._drain(self.settings.drain_timeout)
         if self.reconciler is not None:  # remove the Jobs of tasks acked meanwhile
+            self.post_mortem.stop()  # relay the output of the ended ones first
+            self.bridge.drain()
             for delivery in self.table:
                 if delivery.ended:
                     self.reconciler.reconcile(delivery.key)

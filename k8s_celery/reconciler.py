@@ -24,6 +24,7 @@ from .hub import LAUNCH_FAILED, PENDING_TIMEOUT, REQUEUE, TERMINATED, LoopBridge
 from .informer import ObjectCache
 from .launcher import Launcher, QuotaExceeded
 from .manifest import delivery_selector
+from .postmortem import PostMortem, kept
 
 log = logging.getLogger("k8s_celery.pool")
 
@@ -37,7 +38,7 @@ class Reconciler:
     def __init__(self, table: DeliveryTable, cache: ObjectCache, launcher: Launcher, api: KubeApi,
                  namespace: str, settings: Settings, bridge: LoopBridge, reporter: Reporter,
                  enqueue: Callable[[str], None], enqueue_after: Callable[[str, float], None],
-                 on_slot_freed: Callable[[], None]):
+                 on_slot_freed: Callable[[], None], post_mortem: PostMortem):
         self.table = table
         self.cache = cache
         self.launcher = launcher
@@ -49,6 +50,7 @@ class Reconciler:
         self.enqueue = enqueue
         self.enqueue_after = enqueue_after
         self.on_slot_freed = on_slot_freed
+        self.post_mortem = post_mortem
 
     def reconcile(self, key: str) -> None:
         delivery = self.table.get(key)
@@ -175,7 +177,8 @@ class Reconciler:
         now = time.monotonic()
         if not delivery.accepted and delivery.job_seen_at is not None \
                 and now - delivery.job_seen_at > self.settings.pending_timeout:
-            reason = outcomes.pending_reason(pod)
+            reason = self.post_mortem.explain(
+                delivery, outcomes.Outcome(PENDING_TIMEOUT, reason=outcomes.pending_reason(pod))).reason
             log.error("task %s[%s]: pod not running after %.0fs (%s); deleting Job %s", delivery.spec.name,
                       delivery.task_id, self.settings.pending_timeout, reason, delivery.job_name)
             self._delete_job(delivery.job_name, delivery.job_uid)
@@ -229,8 +232,11 @@ class Reconciler:
     # -- ending ------------------------------------------------------------------------
 
     def _end(self, delivery: Delivery, result: outcomes.Outcome, error: Exception | None = None) -> None:
-        """Report the outcome on Celery's loop; then remove the Jobs (after the acks) or,
-        for a lost attempt that is requeued, keep them: they count the attempts."""
+        """Report the outcome on Celery's loop and relay the pod's output; then remove the
+        Jobs (after the acks and the relay's read) or, for a lost attempt that is
+        requeued, keep them: they count the attempts."""
+        if result.state == outcomes.LOST and delivery.phase is not Phase.ENDED:
+            result = self.post_mortem.explain(delivery, result)
         with self.table.lock:
             if delivery.phase is Phase.ENDED:
                 return
@@ -245,6 +251,7 @@ class Reconciler:
                 self.launcher.lost_jobs.add(delivery.job_uid)
             if requeued:
                 slot_freed = self.table.remove(delivery)
+        self.post_mortem.begin(delivery, result, on_read=lambda: self.enqueue(delivery.key))
         self.bridge.call(self.reporter.report, delivery, result, error)
         if requeued:
             if slot_freed:
@@ -252,15 +259,22 @@ class Reconciler:
         else:
             # After the acks (same FIFO): a Job deleted before its message is acked
             # could let a redelivery run the task again.
-            self.bridge.call(self.enqueue, delivery.key)
+            self.bridge.call(self._reported, delivery)
+
+    def _reported(self, delivery: Delivery) -> None:
+        delivery.reported = True
+        self.enqueue(delivery.key)
 
     def _clean_up(self, delivery: Delivery) -> None:
         """Delete the delivery's Jobs (their pods and Secrets go with them), free its slot.
 
         Every Job of the delivery is listed: a redelivery may have adopted a later
         attempt created by a worker that died. A running Job of the same delivery that
-        this one never tracked belongs to a concurrent delivery and stays.
+        this one never tracked belongs to a concurrent delivery and stays, and so
+        does a Job kept for a post-mortem (the sweeper or its TTL removes it).
         """
+        if not delivery.reported or not self.post_mortem.read_over(delivery):
+            return  # the ack and the log read each enqueue the delivery again
         try:
             jobs = []
             if delivery.job_uids:
@@ -268,6 +282,8 @@ class Reconciler:
                                         label_selector=delivery_selector(delivery.key))
             for job in jobs:
                 uid = job["metadata"]["uid"]
+                if kept(job):
+                    continue
                 if uid in delivery.job_uids or outcomes.job_condition(job) is not None:
                     self._delete_job(job["metadata"]["name"], uid)
         except ApiError as exc:  # the TTL controller removes them later

@@ -235,6 +235,12 @@ def run(payload_path: str | None = None, app_name: str | None = None,
         termination_log: str | None = None) -> int:
     """Run the task described by the payload; return the process exit code."""
     install_signal_handlers()
+    # A prefork worker logs a task's prints as they come (worker_redirect_stdouts); here
+    # stdout is the container's log, block-buffered by default: a print would land after
+    # every log line of the task, or be lost with a killed pod.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     payload_path = payload_path or os.environ.get("K8S_CELERY_PAYLOAD", DEFAULT_PAYLOAD)
     termination_log = termination_log or os.environ.get("K8S_CELERY_TERMINATION_LOG",
                                                         DEFAULT_TERMINATION_LOG)
@@ -278,7 +284,8 @@ def run(payload_path: str | None = None, app_name: str | None = None,
     result = describe(failed, retval, runtime or (time.monotonic() - started))
     result.soft_limit_hit = soft_limit.hit
     write_outcome(result, termination_log)
-    log.info("%s[%s] %s in %.3fs", payload["task"], payload["id"], result.state, runtime)
+    # The tracer gives no runtime for a failure: the outcome's is measured here then.
+    log.info("%s[%s] %s in %.3fs", payload["task"], payload["id"], result.state, result.runtime)
     exitcode = 1 if result.state in (outcomes.FAILURE, outcomes.REJECTED) else 0
     stop_worker_process(exitcode)
     return exitcode

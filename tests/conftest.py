@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -67,12 +68,13 @@ class Shim:
 
     def __init__(self, cluster, namespace: str, manifests: Path, log_dir: Path, broker_url: str,
                  queues: str = "kubernetes", max_jobs: int = 5, env: dict | None = None,
-                 args: tuple = (), plain_celery: bool = False, app_name: str = "taskapp"):
+                 args: tuple = (), plain_celery: bool = False, app_name: str = "taskapp",
+                 kubeconfig: Path | None = None):
         self.hostname = f"shim-{secrets.token_hex(3)}@local"
         self.log_path = log_dir / f"{self.hostname}.log"
         self.argv = [sys.executable, "-m", "k8s_celery", "worker", "-A", app_name, "-Q", queues,
                      "--manifests", str(manifests), "--namespace", namespace,
-                     "--kubeconfig", str(cluster.kubeconfig), "--max-jobs", str(max_jobs),
+                     "--kubeconfig", str(kubeconfig or cluster.kubeconfig), "--max-jobs", str(max_jobs),
                      "-l", "INFO", "-n", self.hostname, "--without-mingle", "--without-gossip",
                      *args]
         if plain_celery:  # the stock `celery worker` with the pool selected by -P custom
@@ -184,6 +186,13 @@ def jobs_in(cluster, namespace: str) -> list[dict]:
     jobs, _ = cluster.api.list(collection_path("jobs", namespace),
                                label_selector="app.kubernetes.io/managed-by=k8s-celery")
     return jobs
+
+
+def live_jobs(cluster, namespace: str) -> list[dict]:
+    """The worker's Jobs but those kept for a post-mortem (a failed or lost attempt's)."""
+    from k8s_celery.postmortem import kept
+
+    return [job for job in jobs_in(cluster, namespace) if not kept(job)]
 
 
 def running_pod_of(cluster, namespace: str, task_id: str, timeout: float = 60) -> dict:
@@ -345,3 +354,25 @@ def django_project(postgres_server, redis_server, k8s_cluster, k8s_namespace, tm
     setup.migrate()
     yield setup
     setup.close(failed=call_failed(request))
+
+
+# -- a task's output ---------------------------------------------------------------
+
+
+def relayed(shim, task_id: str) -> list[str]:
+    """The worker's log lines that relay the task's pod output."""
+    return [line for line in shim.log().splitlines() if re.search(rf"\] taskapp\.\w+\[{task_id}\] pod ", line)]
+
+
+def relay_done(shim, task_id: str, last: str) -> list[str]:
+    """The relayed lines of the task, once one of them holds ``last``."""
+    return wait_until(lambda: (lambda lines: lines if any(last in line for line in lines) else None)(
+        relayed(shim, task_id)), timeout=60, message=f"the relay of {task_id} to reach {last!r}")
+
+
+def logs_command(cluster, namespace: str, *args: str) -> subprocess.CompletedProcess:
+    """`k8s-celery logs *args` against the cluster, as a user runs it (it prints the pods'
+    bytes as they are: what is not UTF-8 reads as escapes here)."""
+    return subprocess.run([sys.executable, "-m", "k8s_celery", "logs", *args, "--namespace", namespace,
+                           "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True,
+                          errors="backslashreplace", timeout=120, env={**os.environ, "PYTHONPATH": str(APPS)})

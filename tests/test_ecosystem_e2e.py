@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import APPS, jobs_in, stop_process
+from conftest import APPS, live_jobs, stop_process
 from k8s_celery.testing import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -106,7 +106,8 @@ def test_calling_api(start_shim, taskapp, k8s_cluster, k8s_namespace):
     assert extended.name == "taskapp.sleep" and extended.args == [3]
     assert extended.worker.startswith("kc-"), "result_extended: the pod's name is the worker"
     ignored = taskapp.echo.apply_async(("quiet",), ignore_result=True)
-    wait_until(lambda: not jobs_in(k8s_cluster, k8s_namespace), timeout=60, message="the quiet Job done")
+    # the failed task's Job above is kept for a post-mortem
+    wait_until(lambda: not live_jobs(k8s_cluster, k8s_namespace), timeout=60, message="the quiet Job done")
     assert ignored.state == "PENDING"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import urllib3
 
-from conftest import APPS, jobs_in
+from conftest import APPS, live_jobs
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.server import free_port
 
@@ -80,7 +80,7 @@ def test_flower_shows_and_controls_the_shim(start_shim, taskapp, flower, k8s_clu
     wait_until(lambda: info(running.id).get("state") == "STARTED", timeout=60, message="started in flower")
     answer = http.request("POST", f"{base}/api/task/revoke/{running.id}?terminate=true", timeout=30)
     assert answer.status == 200, answer.data
-    wait_until(lambda: not jobs_in(k8s_cluster, k8s_namespace), timeout=30, message="the Job deleted")
+    wait_until(lambda: not live_jobs(k8s_cluster, k8s_namespace), timeout=30, message="the Job deleted")
     wait_until(lambda: info(running.id).get("state") == "REVOKED", timeout=30, message="revoked in flower")
 
     for action, expected in (("grow", 5), ("shrink", 4)):

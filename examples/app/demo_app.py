@@ -30,6 +30,7 @@ def crunch(n: int) -> dict:
 
 @app.task(name="demo_app.report", bind=True, max_retries=3)
 def report(self, name: str) -> str:
+    print(f"building report {name} (attempt {self.request.retries + 1})")  # relayed into the worker's log
     if name == "flaky" and self.request.retries == 0:
         raise self.retry(countdown=1)
     if name == "broken":

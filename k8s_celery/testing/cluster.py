@@ -155,6 +155,8 @@ class LocalCluster:
         elif self.with_kubelet:
             options = dict(self.kubelet_options)
             options.setdefault("api_server_port", self.port)
+            options.setdefault("log_tls", (self.pki.ca_cert, *pki.issue_serving(
+                self.pki, options.get("node_name", "local-node"), ("127.0.0.1",), self.workdir / "pki")))
             # The kubelet rides out API-server restarts, as a real one does.
             kubelet_api = KubeApi(load_configuration(str(self.kubeconfig), in_cluster=False),
                                   retry=RetryPolicy(attempts=60, initial_wait=0.1, max_wait=1.0))
@@ -305,6 +307,10 @@ class LocalCluster:
             f"--watch-cache={'true' if self.watch_cache else 'false'}",
             "--profiling=false", "--endpoint-reconciler-type=none",
             "--max-requests-inflight=800", "--max-mutating-requests-inflight=400",
+            # pods/log and exec: the API server calls the node's kubelet at its InternalIP.
+            f"--kubelet-client-certificate={self.pki.kubelet_client_cert}",
+            f"--kubelet-client-key={self.pki.kubelet_client_key}",
+            "--kubelet-preferred-address-types=InternalIP",
         ]
         if self.audit_log_path:
             policy = self.workdir / "audit-policy.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVER_NAMES = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local")
@@ -27,6 +27,8 @@ class ControlPlanePki:
     serving_key: Path
     service_account_key: Path
     service_account_public_key: Path
+    kubelet_client_cert: Path
+    kubelet_client_key: Path
 
 
 def _write_key(path: Path, key) -> None:
@@ -37,11 +39,14 @@ def _write_key(path: Path, key) -> None:
 
 
 def _certificate(subject: str, issuer_name: x509.Name, public_key, signing_key, *, ca: bool,
-                 names=(), ips=()) -> x509.Certificate:
+                 names=(), ips=(), organization: str | None = None, usage=None) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
+    subject_name = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
+    if organization:
+        subject_name.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .subject_name(x509.Name(subject_name))
         .issuer_name(issuer_name)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -52,6 +57,8 @@ def _certificate(subject: str, issuer_name: x509.Name, public_key, signing_key, 
     if names or ips:
         alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if ca:
         builder = builder.add_extension(
             x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
@@ -72,15 +79,44 @@ def generate(directory: Path) -> ControlPlanePki:
     # Service-account tokens are signed with RS256 by default.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
+    # The API server's client certificate for the kubelets (pods/log, exec). A kubelet
+    # maps the organisation to groups: system:masters may read logs and exec.
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = _certificate("kube-apiserver-kubelet-client", ca_name, client_key.public_key(), ca_key,
+                               ca=False, organization="system:masters", usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+
     pki = ControlPlanePki(
         ca_cert=directory / "ca.crt", ca_key=directory / "ca.key",
         serving_cert=directory / "apiserver.crt", serving_key=directory / "apiserver.key",
-        service_account_key=directory / "sa.key", service_account_public_key=directory / "sa.pub")
+        service_account_key=directory / "sa.key", service_account_public_key=directory / "sa.pub",
+        kubelet_client_cert=directory / "kubelet-client.crt", kubelet_client_key=directory / "kubelet-client.key")
     pki.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(pki.ca_key, ca_key)
     pki.serving_cert.write_bytes(serving_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(pki.serving_key, serving_key)
     _write_key(pki.service_account_key, sa_key)
+    pki.kubelet_client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.kubelet_client_key, client_key)
     pki.service_account_public_key.write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return pki
+
+
+def load_ca(pki: ControlPlanePki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The cluster CA's certificate and key."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    return ca_cert, serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+
+
+def issue_serving(pki: ControlPlanePki, name: str, ips: tuple[str, ...], directory: Path) -> tuple[Path, Path]:
+    """A serving certificate signed by the cluster CA for ``name`` and ``ips`` (a
+    kubelet's, say); returns the paths of the certificate and its key."""
+    ca_cert, ca_key = load_ca(pki)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(name, ca_cert.subject, key.public_key(), ca_key, ca=False, names=(name,), ips=ips,
+                        usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return cert_path, key_path

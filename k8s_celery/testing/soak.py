@@ -49,6 +49,7 @@ import yaml
 
 from ..cluster import collection_path
 from ..manifest import MANAGED_SELECTOR
+from ..postmortem import kept
 from .cluster import LocalCluster
 from .redis import RedisServer
 
@@ -68,6 +69,9 @@ class SoakReport:
     reruns_after_kill: int
     leftover_jobs: int
     leftover_secrets: int
+    #: Jobs of failed or lost attempts kept for a post-mortem (K8S_CELERY_KEEP_FAILED_JOBS):
+    #: meant to be there, so not leftovers; their Secrets are not counted either.
+    kept_jobs: int = 0
     faults: dict = field(default_factory=dict)
     leftovers: list = field(default_factory=list)
     broker: str = ""
@@ -82,7 +86,7 @@ class SoakReport:
                 f"never_received={self.never_received} "
                 f"duplicate_runs={self.duplicate_runs} reruns_after_kill={self.reruns_after_kill} "
                 f"leftover_jobs={self.leftover_jobs} "
-                f"leftover_secrets={self.leftover_secrets}")
+                f"leftover_secrets={self.leftover_secrets} kept_jobs={self.kept_jobs}")
 
 
 class Worker:
@@ -158,6 +162,7 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                 jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
                 secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE),
                                               label_selector=MANAGED_SELECTOR)
+                jobs, secrets, _ = without_kept(jobs, secrets)
                 # A message the broker lost before any worker saw it never completes.
                 pending = [r for r in results if not _ready(r)]
                 received = received_task_ids(work_dir) if pending else set()
@@ -187,6 +192,7 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                 log(f"task {result.id} ran to its end in {len(names)} pods: {names} ({why})")
         jobs, _ = cluster.api.list(collection_path("jobs", NAMESPACE), label_selector=MANAGED_SELECTOR)
         secrets, _ = cluster.api.list(collection_path("secrets", NAMESPACE), label_selector=MANAGED_SELECTOR)
+        jobs, secrets, kept_jobs = without_kept(jobs, secrets)
         leftovers = describe_leftovers(cluster, jobs, secrets)
         for line in leftovers:
             log(f"left over: {line}")
@@ -200,7 +206,8 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
                             never_received=len(never_received),
                             duplicate_runs=sum(max(0, n - 1) for n in runs) - sum(inherent),
                             reruns_after_kill=sum(inherent),
-                            leftover_jobs=len(jobs), leftover_secrets=len(secrets), faults=dict(faults),
+                            leftover_jobs=len(jobs), leftover_secrets=len(secrets), kept_jobs=len(kept_jobs),
+                            faults=dict(faults),
                             leftovers=leftovers,
                             duplicated=[r.id for r, n in zip(results, runs) if n > 1], work_dir=str(work_dir))
         for worker in workers:
@@ -270,6 +277,17 @@ def wait_to_settle(settled: Callable[[], bool], progress: Callable[[], Any], pat
             return False
         time.sleep(interval)
     return True
+
+
+def without_kept(jobs: list[dict], secrets: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(jobs, secrets, kept)``: the Jobs and Secrets that are not those of a Job kept for a
+    post-mortem, and the kept Jobs."""
+    kept_jobs = [job for job in jobs if kept(job)]
+    kept_uids = {job["metadata"]["uid"] for job in kept_jobs}
+    return ([job for job in jobs if job["metadata"]["uid"] not in kept_uids],
+            [secret for secret in secrets
+             if not {owner.get("uid") for owner in secret["metadata"].get("ownerReferences") or []} & kept_uids],
+            kept_jobs)
 
 
 def describe_leftovers(cluster: LocalCluster, jobs: list[dict], secrets: list[dict]) -> list[str]:

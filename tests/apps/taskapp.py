@@ -98,6 +98,40 @@ def sleep(seconds):
     return seconds
 
 
+@app.task(name="taskapp.chatty")
+def chatty(tag, fail=False, megabytes=0, binary=False, sleep=0.0):
+    """Print and log ``tag`` (and ``megabytes`` of filler lines, raw bytes), then return or raise."""
+    import logging
+    import sys
+
+    print(f"printed {tag}", flush=True)
+    logging.getLogger("taskapp").warning("logged %s", tag)
+    for _ in range(megabytes):
+        sys.stdout.write(("y" * 1023 + "\n") * 1024)
+    if binary:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"raw \xff\xfe \x1b[31mred\x1b[0m end\n")
+    print(f"last line of {tag}", flush=True)
+    time.sleep(sleep)
+    if fail:
+        raise ValueError(f"chatty {tag} failed")
+    return tag
+
+
+@app.task(name="taskapp.lost_once")
+def lost_once(key, megabytes=0, sleep=0.0):
+    """Attempt 1 prints, then fills ``megabytes`` of memory and sleeps ``sleep`` s (to be
+    OOM-killed or evicted); later attempts print and return their number."""
+    attempt = store().incr(f"attempts:{key}")
+    print(f"attempt {attempt} of {key} starts", flush=True)
+    if attempt == 1:
+        block = b"\x01" * (megabytes * 2**20)
+        time.sleep(sleep)
+        del block
+    print(f"attempt {attempt} of {key} ends", flush=True)
+    return attempt
+
+
 @app.task(name="taskapp.allocate")
 def allocate(megabytes):
     """Fill ``megabytes`` of memory (every page written), hold it a moment, return the size."""

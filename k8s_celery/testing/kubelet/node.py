@@ -14,7 +14,8 @@ from pathlib import Path
 from ...cluster import ApiError, KubeApi, collection_path, object_path
 from ...watch import Watcher
 from .faults import PodFault
-from .objects import NODE_IP, TERMINAL_PHASES, now, pod_key
+from .logserver import LogRequestError, LogServer
+from .objects import NODE_IP, TERMINAL_PHASES, all_containers, now, pod_key
 from .pod import PodRuntime
 from .resolver import PodResolver, VolumeFiles
 from .scheduler import Scheduler
@@ -34,13 +35,16 @@ class ProcessKubelet:
     ``pod_capacity`` limits the pods bound at once, leaving the rest Pending and
     Unschedulable. ``unpullable_images`` are image-name substrings whose pull fails.
     ``simulate=True`` runs no processes: pods go Running at once and end on
-    :meth:`finish` (for benchmarks with many pods).
+    :meth:`finish` (for benchmarks with many pods). ``log_tls`` (the cluster CA, a
+    serving certificate and its key) starts the HTTPS endpoint the API server's
+    ``pods/log`` reads the containers' output from (see :mod:`.logserver`).
     """
 
     def __init__(self, api: KubeApi, root: Path, node_name: str = "local-node",
                  pod_capacity: int | None = None, env: dict[str, str] | None = None,
                  unpullable_images: tuple[str, ...] = ("unpullable",), simulate: bool = False,
-                 max_grace_period: float = 30.0, api_server_port: int | None = None):
+                 max_grace_period: float = 30.0, api_server_port: int | None = None,
+                 log_tls: tuple[Path, Path, Path] | None = None):
         self.api = api
         self.root = Path(root)
         self.node_name = node_name
@@ -64,6 +68,7 @@ class ProcessKubelet:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watcher: Watcher | None = None
+        self.log_server = LogServer(self, *log_tls) if log_tls else None
 
     # -- public API --------------------------------------------------------------------
 
@@ -71,7 +76,10 @@ class ProcessKubelet:
         """Register the node, watch pods, keep the lease and schedule; return once the
         watch has listed the pods."""
         self.root.mkdir(parents=True, exist_ok=True)
-        register_node(self.api, self.node_name, self.pod_capacity)
+        if self.log_server:
+            self.log_server.start()
+        register_node(self.api, self.node_name, self.pod_capacity,
+                      self.log_server.port if self.log_server else None)
         self._watcher = Watcher(self.api, "/api/v1/pods", self._on_event, self._on_sync,
                                 resync_period=60, read_timeout=30, name="kubelet pod watch").start()
         for name, target, args in (("kubelet lease", keep_lease, (self.api, self.node_name, self._stop)),
@@ -98,6 +106,8 @@ class ProcessKubelet:
             runtime.thread.join(10)
         for thread in self._threads:
             thread.join(2)
+        if self.log_server:
+            self.log_server.stop()
 
     @property
     def pod_capacity(self) -> int | None:
@@ -144,6 +154,41 @@ class ProcessKubelet:
         runtime_dir = self._pod_dir(namespace, name)
         parts = sorted((runtime_dir / "containers").glob(f"{container or '*'}-*/log"))
         return "".join(p.read_text(errors="replace") for p in parts)
+
+    def container_log(self, namespace: str, name: str, container: str, previous: bool = False
+                      ) -> tuple[Path, bool]:
+        """The run directory whose ``log`` answers a log request for the container, and
+        whether that run is still running; :class:`LogRequestError` as the kubelet
+        answers when there is none."""
+        with self._lock:
+            runtime = next((r for r in self._runtimes.values() if (r.namespace, r.name) == (namespace, name)),
+                           None)
+            if runtime is None:
+                raise LogRequestError(404, f"pod {namespace}/{name} does not exist")
+            if container not in {c["name"] for c in all_containers(runtime.pod)}:
+                raise LogRequestError(404, f"container {container!r} not found in pod {namespace}/{name}")
+            runs = sorted(((int(path.name.rsplit("-", 1)[1]), path)
+                           for path in (runtime.dir / "containers").glob(f"{container}-*")
+                           if path.name.rsplit("-", 1)[0] == container and path.name.rsplit("-", 1)[1].isdigit()))
+            if previous:
+                if len(runs) < 2:
+                    raise LogRequestError(400, f'previous terminated container "{container}" in pod '
+                                               f'"{name}" not found')
+                return runs[-2][1], False
+            if not runs:
+                raise LogRequestError(400, f'container "{container}" in pod "{name}" is waiting to start: '
+                                           "ContainerCreating")
+            return runs[-1][1], self.run_is_running(runs[-1][1])
+
+    def run_is_running(self, run_dir: Path) -> bool:
+        """Whether the container run in ``run_dir`` still has its process running."""
+        with self._lock:
+            for runtime in self._runtimes.values():
+                for run in list(runtime.runs.values()):
+                    if run.log_path.parent == run_dir:
+                        return run.process is not None and run.exit_code is None \
+                            and not runtime.finished.is_set()
+        return False
 
     def running_pods(self) -> list[tuple[str, str]]:
         """``(namespace, name)`` of every pod whose runtime has not finished."""
@@ -267,8 +312,9 @@ class ProcessKubelet:
             return list(self._pods.values()), active
 
 
-def register_node(api: KubeApi, node_name: str, pod_capacity: int | None) -> None:
-    """Create the Node (if new) and post its status: Ready, with this machine's size."""
+def register_node(api: KubeApi, node_name: str, pod_capacity: int | None, kubelet_port: int | None = None) -> None:
+    """Create the Node (if new) and post its status: Ready, with this machine's size and
+    the port of its kubelet endpoint (where the API server reads logs)."""
     node = {"apiVersion": "v1", "kind": "Node", "metadata": {
         "name": node_name, "labels": {"kubernetes.io/hostname": node_name,
                                       "kubernetes.io/os": "linux",
@@ -290,7 +336,8 @@ def register_node(api: KubeApi, node_name: str, pod_capacity: int | None) -> Non
         "nodeInfo": {"kubeletVersion": "v1.33.13-process", "kubeProxyVersion": "",
                      "operatingSystem": "linux", "architecture": "amd64",
                      "containerRuntimeVersion": "process://1", "kernelVersion": os.uname().release,
-                     "osImage": "local", "machineID": "", "systemUUID": "", "bootID": ""}}})
+                     "osImage": "local", "machineID": "", "systemUUID": "", "bootID": ""},
+        **({"daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}}} if kubelet_port else {})}})
 
 
 def keep_lease(api: KubeApi, node_name: str, stop: threading.Event) -> None:

@@ -106,13 +106,10 @@ class RealNode:
 
     def apiserver_flags(self, pki) -> dict[str, str]:
         """What the API server needs for this node: listen on and advertise the node address."""
-        client = node_certs.extend(pki, self.node_address)
+        node_certs.extend(pki, self.node_address)
         self.ca_cert = pki.ca_cert
         return {"--bind-address": self.node_address, "--advertise-address": self.node_address,
-                "--endpoint-reconciler-type": "lease",
-                "--kubelet-client-certificate": str(client.kubelet_client_cert),
-                "--kubelet-client-key": str(client.kubelet_client_key),
-                "--kubelet-preferred-address-types": "InternalIP"}
+                "--endpoint-reconciler-type": "lease"}
 
     def scheduler_argv(self, kubeconfig: Path) -> list[str]:
         """kube-scheduler of the same release (a LocalCluster process; the node needs it)."""
