@@ -5,6 +5,7 @@ them; failed Jobs are kept; ``k8s-celery logs`` reads every attempt."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from conftest import jobs_in, logs_command, relay_done, running_pod_of
 from k8s_celery.postmortem import kept
@@ -78,3 +79,29 @@ def test_oom_killed_and_evicted_attempts_are_relayed_with_their_reasons(start_re
     assert every.returncode == 0, every.stdout + every.stderr
     [first] = [line for line in every.stdout.splitlines() if line.startswith("==> attempt 1: ")]
     assert "its pod is gone" in first and "Failed" in first, every.stdout
+
+
+def test_a_pod_that_never_runs_fails_with_what_kubernetes_said(start_real_shim, taskapp, tmp_path, pod_broker_url,
+                                                               taskapp_image):
+    manifests = tmp_path / "never-running"
+    write_real_manifest(manifests, "unschedulable", pod_broker_url, taskapp_image.name,
+                        nodeSelector={"k8s-celery.io/no-such-pool": "none"})
+    path = write_real_manifest(manifests, "unmountable", pod_broker_url, taskapp_image.name)
+    manifest = yaml.safe_load(path.read_text())
+    pod = manifest["spec"]["template"]["spec"]
+    pod["volumes"].append({"name": "settings", "secret": {"secretName": "never-created"}})
+    pod["containers"][0].setdefault("volumeMounts", []).append({"name": "settings", "mountPath": "/etc/settings"})
+    path.write_text(yaml.safe_dump(manifest))
+    start_real_shim(manifests=manifests, queues="unschedulable,unmountable",
+                    env={"K8S_CELERY_PENDING_TIMEOUT": "10"})
+    unschedulable = taskapp.add.apply_async((1, 2), queue="unschedulable")
+    unmountable = taskapp.add.apply_async((1, 2), queue="unmountable")
+    # What the real kube-scheduler and kubelet recorded as Events, in the task's error.
+    for result, said in ((unschedulable, "FailedScheduling: 0/1 nodes are available: 1 node(s) didn't match "
+                                         "Pod's node affinity/selector"),
+                         (unmountable, 'FailedMount: MountVolume.SetUp failed for volume "settings" : '
+                                       'secret "never-created" not found')):
+        with pytest.raises(Exception) as raised:
+            result.get(timeout=120)
+        assert type(raised.value).__name__ == "PodPendingTimeout"
+        assert "; Kubernetes said: " in str(raised.value) and said in str(raised.value), str(raised.value)
