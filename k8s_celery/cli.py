@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import uuid
@@ -64,7 +63,6 @@ def run_task(argv: list[str]) -> int:
     parser.add_argument("--payload", help="payload file (default: $K8S_CELERY_PAYLOAD)")
     parser.add_argument("--termination-log", help="where to write the outcome")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s] %(message)s")
     from .runner import run
 
     return run(args.payload, args.app, args.termination_log)

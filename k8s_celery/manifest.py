@@ -99,6 +99,8 @@ class TaskSpec:
     #: When the attempt's Job was created (ISO 8601, UTC): a pod that finds the task
     #: succeeded since then knows that another pod of the same Job ran it.
     launched_at: str | None = None
+    #: What the pod's start-up signals need of the worker: its hostname, log level, queues.
+    worker: dict = field(default_factory=dict)
 
     @property
     def job_name(self) -> str:
@@ -127,6 +129,7 @@ def payload_bytes(spec: TaskSpec) -> bytes:
         "content_type": spec.content_type, "content_encoding": spec.content_encoding,
         "soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit,
         "attempt": spec.attempt, "delivery": spec.delivery, "launched_at": spec.launched_at,
+        "worker": spec.worker,
     }).encode()
 
 

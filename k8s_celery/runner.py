@@ -69,25 +69,64 @@ def load_app(name: str):
 
 
 class PodWorker:
-    """Stands in for the worker in the signals a pod sends: the pod runs one task, as a
-    prefork pool process does, so signal handlers (Celery's Django fix-up among them)
-    set it up as they set up a prefork worker and its child."""
+    """Stands in for the worker in the start-up signals a pod sends (``instance``/``sender``).
+
+    A prefork pool process inherits what the worker's parent set up on those signals; the
+    pod is a fresh process, so it sends them itself, with the worker's hostname, log level
+    and queues (from the payload). It has the attributes handlers commonly read; it is no
+    ``WorkController``: it has no consumer, pool or blueprint.
+    """
 
     pool_cls = "celery.concurrency.prefork:TaskPool"
 
-    def __init__(self, app, hostname: str):
+    def __init__(self, app, hostname: str, loglevel: int = logging.INFO, queues: tuple[str, ...] = ()):
         self.app = app
         self.hostname = hostname
+        self.loglevel = loglevel
+        self.logfile = None
+        self.queues = list(queues)
+        self.concurrency = 1
 
 
-def start_worker_process(app) -> None:
-    """Send the signals a prefork worker and its pool process send before a task runs:
-    ``worker_init`` (e.g. the Django fix-up closes connections around each task) and
-    ``worker_process_init`` (per-process set-up: database connections, clients)."""
+#: Where run-task logs until the app's logging is set up (then Celery's handlers take over).
+_bootstrap_handler = logging.StreamHandler(sys.stderr)
+_bootstrap_handler.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"))
+
+
+def bootstrap_logging() -> None:
+    """Log to stderr at INFO until :func:`start_worker_process` sets up the app's logging."""
+    root = logging.getLogger()
+    if _bootstrap_handler not in root.handlers:
+        root.addHandler(_bootstrap_handler)
+    root.setLevel(logging.INFO)
+
+
+def start_worker_process(app, worker: dict | None = None) -> PodWorker:
+    """Start up as a prefork pool process finds itself when its first task comes.
+
+    What the worker's parent runs, in its order (``import_modules`` already ran when the
+    app was loaded): ``celeryd_init``, ``worker_init``, Celery's logging set-up with the
+    worker's level and formats (``setup_logging``, or ``after_setup_logger`` and
+    ``after_setup_task_logger``), ``celeryd_after_setup``, the stdout redirect
+    (``worker_redirect_stdouts``); then what the child runs: ``worker_process_init``.
+    ``worker`` is what the worker put in the payload: its hostname, log level and queues.
+    """
     from celery import signals
 
-    signals.worker_init.send(sender=PodWorker(app, socket.gethostname()))
+    worker = worker or {}
+    hostname = worker.get("hostname") or socket.gethostname()
+    loglevel = worker.get("loglevel") or logging.INFO
+    instance = PodWorker(app, hostname, loglevel, tuple(worker.get("queues") or ()))
+    signals.celeryd_init.send(sender=hostname, instance=instance, conf=app.conf,
+                              options={"hostname": hostname, "loglevel": loglevel, "queues": instance.queues})
+    signals.worker_init.send(sender=instance)
+    logging.getLogger().removeHandler(_bootstrap_handler)
+    custom_logging = app.log.setup(loglevel, None, redirect_stdouts=False, hostname=hostname)
+    signals.celeryd_after_setup.send(sender=hostname, instance=instance, conf=app.conf)
+    if not custom_logging and app.conf.worker_redirect_stdouts:
+        app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
     signals.worker_process_init.send(sender=None)
+    return instance
 
 
 def stop_worker_process(exitcode: int) -> None:
@@ -235,6 +274,7 @@ def run(payload_path: str | None = None, app_name: str | None = None,
         termination_log: str | None = None) -> int:
     """Run the task described by the payload; return the process exit code."""
     install_signal_handlers()
+    bootstrap_logging()
     # A prefork worker logs a task's prints as they come (worker_redirect_stdouts); here
     # stdout is the container's log, block-buffered by default: a print would land after
     # every log line of the task, or be lost with a killed pod.
@@ -251,7 +291,7 @@ def run(payload_path: str | None = None, app_name: str | None = None,
             raise RuntimeError("no Celery app: pass -A or set K8S_CELERY_APP")
         payload = read_payload(payload_path)
         app = load_app(app_name)
-        start_worker_process(app)
+        start_worker_process(app, payload.get("worker"))
         if payload["task"] not in app.tasks:
             from celery.exceptions import NotRegistered
 

@@ -26,8 +26,9 @@ def test_all_mode_relays_a_success_at_info_and_deletes_its_job(start_shim, taska
                      "its output:", lines[0]), lines[0]
     body = [line.split("| ", 1)[1] for line in lines[1:]]
     # The pod's whole output in order: the runner's lines around the task's prints and logging.
-    printed = [body.index("printed hello"), next(i for i, line in enumerate(body) if line.endswith("logged hello")),
-               body.index("last line of hello")]
+    # Prints go through Celery's stdout redirect at WARNING, as in a prefork worker.
+    printed = [next(i for i, line in enumerate(body) if line.endswith(text))
+               for text in ("WARNING/MainProcess] printed hello", "] logged hello", "] last line of hello")]
     assert printed == sorted(printed) and "running taskapp.chatty" in body[0]
     assert re.search(r"SUCCESS in [\d.]+s$", body[-1]), body[-1]
     assert all("INFO/" in line for line in lines)
@@ -61,7 +62,8 @@ def test_a_failure_is_relayed_its_job_kept_and_logs_reads_it(start_shim, taskapp
     header, *output = done.stdout.splitlines()
     assert re.fullmatch(r"==> attempt 1: pod \S+, node local-node, phase \w+, exit code \d+ \(\w+\).* <==",
                         header), header
-    assert "printed broken" in output and "last line of broken" in output
+    assert any(line.endswith("] printed broken") for line in output)
+    assert any(line.endswith("] last line of broken") for line in output)
     assert any("chatty broken failed" in line for line in output)  # the traceback, as the pod printed it
 
     gone = logs_command(k8s_cluster, k8s_namespace, ok.id)

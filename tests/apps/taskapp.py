@@ -108,9 +108,8 @@ def chatty(tag, fail=False, megabytes=0, binary=False, sleep=0.0):
     logging.getLogger("taskapp").warning("logged %s", tag)
     for _ in range(megabytes):
         sys.stdout.write(("y" * 1023 + "\n") * 1024)
-    if binary:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(b"raw \xff\xfe \x1b[31mred\x1b[0m end\n")
+    if binary:  # straight to the container's stdout, as a C library writes
+        os.write(1, b"raw \xff\xfe \x1b[31mred\x1b[0m end\n")
     print(f"last line of {tag}", flush=True)
     time.sleep(sleep)
     if fail:

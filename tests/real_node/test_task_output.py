@@ -61,7 +61,7 @@ def test_oom_killed_and_evicted_attempts_are_relayed_with_their_reasons(start_re
     lines = relay_done(shim, oom.id, "attempt 2 of real-oom ends")
     first = [line for line in lines if " attempt 1" in line.split("]", 2)[-1][:80]]
     assert "attempt 1 was lost (" in first[0] and "OOMKilled" in first[0], first[0]
-    assert any(line.endswith("| attempt 1 of real-oom starts") for line in first)
+    assert any(line.endswith("] attempt 1 of real-oom starts") for line in first)
     assert any("attempt 2 succeeded; its output:" in line for line in lines)
 
     evicted = taskapp.lost_once.delay("real-evicted", sleep=60)
@@ -72,7 +72,7 @@ def test_oom_killed_and_evicted_attempts_are_relayed_with_their_reasons(start_re
     assert evicted.get(timeout=120) == 2
     lines = relay_done(shim, evicted.id, "attempt 2 of real-evicted ends")
     assert any("attempt 1 was lost (" in line and "EvictionByEvictionAPI" in line for line in lines), lines[:3]
-    assert any(line.endswith("| attempt 1 of real-evicted starts") for line in lines)
+    assert any(line.endswith("] attempt 1 of real-evicted starts") for line in lines)
     every = logs_command(real_cluster, real_namespace, evicted.id, "--all-attempts")
     # The Eviction API deleted the first attempt's pod (its Job is kept); the second's Job went
     # with its success.
