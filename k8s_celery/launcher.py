@@ -24,7 +24,7 @@ from . import outcome as outcomes
 from .cluster import ApiError, KubeApi, collection_path, object_path
 from .config import ManifestStore, Settings
 from .deliveries import Delivery, redelivered
-from .manifest import (LABEL_ATTEMPT, build_job, build_secret, delivery_selector, payload_secret_name,
+from .manifest import (LABEL_ATTEMPT, build_job, build_secret, delivery_selector, kept, payload_secret_name,
                        task_overrides)
 
 log = logging.getLogger("k8s_celery.pool")
@@ -50,6 +50,9 @@ class Launcher:
         self.counters = counters
         #: Jobs this worker found lost: never adopted again, whatever their state says.
         self.lost_jobs: BoundedSet = BoundedSet(10000)
+        #: Jobs whose outcome this worker handed to Celery in a way Celery may requeue (a
+        #: time limit, a Reject with requeue): their delivery coming back runs again.
+        self.requeued_jobs: BoundedSet = BoundedSet(10000)
 
     def launch(self, delivery: Delivery) -> outcomes.Outcome | None:
         """Create or adopt the delivery's Job; ``None`` once a Job is to be tracked, or the
@@ -96,7 +99,8 @@ class Launcher:
     def _resume(self, delivery: Delivery, template: dict, jobs: list[dict]) -> outcomes.Outcome | None:
         spec = delivery.spec
         running = next((job for job in reversed(jobs) if not outcomes.job_finished(job)
-                        and job["metadata"]["uid"] not in self.lost_jobs), None)
+                        and job["metadata"]["uid"] not in self.lost_jobs
+                        and job["metadata"]["uid"] not in self.requeued_jobs), None)
         if running is not None:
             log.info("adopting running Job %s for %s[%s]", running["metadata"]["name"], spec.name, spec.task_id)
             self._track(delivery, running)
@@ -107,6 +111,12 @@ class Launcher:
         for job in jobs:
             pod = self.latest_pod(job)
             result = outcomes.classify(job, pod)
+            if job["metadata"]["uid"] in self.requeued_jobs or \
+                    (kept(job) and (result is None or result.state != outcomes.LOST)):
+                # Celery had this outcome (kept for a post-mortem once it had acked or
+                # rejected it): the message is back because Celery requeued it, so the
+                # task runs again.
+                continue
             self._track(delivery, job)
             if result is not None and (result.state != outcomes.LOST or result.job_completed):
                 log.info("%s[%s] already ran in Job %s (%s); reporting that outcome", spec.name,

@@ -22,8 +22,7 @@ from .cluster import ApiError, KubeApi, collection_path, object_path
 from .config import Settings
 from .deliveries import DeliveryTable, Phase
 from .informer import ObjectCache
-from .manifest import ANNOTATION_TASK_ID, MANAGED_SELECTOR
-from .postmortem import kept
+from .manifest import ANNOTATION_TASK_ID, MANAGED_SELECTOR, kept
 
 log = logging.getLogger("k8s_celery.pool")
 

@@ -14,7 +14,9 @@ import copy
 import hashlib
 import math
 import re
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kombu.utils.json import dumps as json_dumps
@@ -31,6 +33,8 @@ LABEL_ATTEMPT = "k8s-celery.io/attempt"
 ANNOTATION_TASK_ID = "k8s-celery.io/task-id"
 ANNOTATION_TASK_NAME = "k8s-celery.io/task-name"
 ANNOTATION_QUEUE = "k8s-celery.io/queue"
+#: Until when a failed or lost attempt's Job is kept for a post-mortem (ISO 8601, UTC).
+ANNOTATION_KEEP_UNTIL = "k8s-celery.io/keep-until"
 
 PAYLOAD_KEY = "payload.json"
 PAYLOAD_VOLUME = "k8s-celery-payload"
@@ -256,3 +260,15 @@ def task_overrides(task: Any) -> dict:
         raise TaskLaunchError(f"task {getattr(task, 'name', task)}: the kubernetes option must be a dict")
     aliases = {"node_selector": "nodeSelector", "priority_class_name": "priorityClassName"}
     return {aliases.get(key, key): value for key, value in overrides.items()}
+
+
+def kept(job: dict, now: float | None = None) -> bool:
+    """Is ``job`` marked to be kept for a post-mortem beyond ``now``?"""
+    value = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_KEEP_UNTIL)
+    if not value:
+        return False
+    try:
+        until = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return False
+    return until > (time.time() if now is None else now)

@@ -23,11 +23,10 @@ from .config import Settings
 from .deliveries import Delivery
 from .hub import PENDING_TIMEOUT
 from .informer import ObjectCache
+from .manifest import ANNOTATION_KEEP_UNTIL, kept
 from .podlogs import LogRelay
 
 log = logging.getLogger("k8s_celery.pool")
-
-ANNOTATION_KEEP_UNTIL = "k8s-celery.io/keep-until"
 
 #: Outcomes whose Jobs are kept.
 KEPT_STATES = frozenset({outcomes.FAILURE, outcomes.TIME_LIMIT, outcomes.LOST, outcomes.REJECTED})
@@ -77,16 +76,39 @@ class PostMortem:
         return replace(result, reason=f"{result.reason}; Kubernetes said: {events}")
 
     def begin(self, delivery: Delivery, result: outcomes.Outcome, on_read: Callable[[], None]) -> None:
-        """Start relaying the attempt's output (``on_read`` runs when the read is over)
-        and mark its Job to be kept if the attempt failed."""
+        """Start relaying the attempt's output (``on_read`` runs when the read is over);
+        mark a lost attempt's Job to be kept (it stays anyway: it counts the attempts)."""
         if not delivery.job_uid:
             return
         delivery.log_read = self.relay.relay(
             f"{delivery.spec.name}[{delivery.task_id}]", self.cache.latest_pod(delivery.job_uid),
             delivery.pod_name, delivery.spec.attempt, result, on_read)
-        if self.keeper.wanted(result.state):
+        if result.state == outcomes.LOST and self.keeper.wanted(result):
             job, _ = self.cache.job(delivery.job_uid)
             self.keeper.keep(delivery.job_name, delivery.job_uid, job)
+
+    def keep_reported(self, delivery: Delivery, job: dict, requeued: bool = False) -> bool:
+        """At clean-up, after Celery acked or rejected the message: keep a failed
+        attempt's Job (``True``: do not delete it). ``job`` is the delivery's own attempt,
+        or (``requeued``) an earlier attempt of it whose outcome Celery requeued.
+
+        Only after the report: a kept Job that is not a lost attempt's then always means
+        "Celery has dealt with this outcome", so a redelivery (a requeue on purpose: a
+        time limit with ``acks_on_failure_or_timeout=False``) runs the task again
+        instead of taking the kept Job for its outcome (see ``Launcher``).
+        """
+        if kept(job):
+            return True
+        uid = job["metadata"]["uid"]
+        if uid == delivery.job_uid:
+            result = delivery.outcome
+        elif requeued:
+            result = outcomes.classify(job, self.cache.latest_pod(uid))
+        else:
+            return False
+        if result is None or not self.keeper.wanted(result):
+            return False
+        return self.keeper.keep(job["metadata"]["name"], uid, job)
 
     @staticmethod
     def read_over(delivery: Delivery) -> bool:
@@ -106,8 +128,10 @@ class JobKeeper:
         self.keep_seconds = keep_seconds
         self.enabled = keep_seconds > 0
 
-    def wanted(self, state: str) -> bool:
-        return self.enabled and state in KEPT_STATES
+    def wanted(self, result: outcomes.Outcome) -> bool:
+        # Not a rejection that requeues: its redelivery would find the kept Job of the same
+        # delivery and take it for its outcome, over and over, instead of running again.
+        return self.enabled and result.state in KEPT_STATES and not result.requeue
 
     def disable(self, reason: str) -> None:
         if self.enabled:
@@ -136,18 +160,6 @@ class JobKeeper:
         log.info("keeping Job %s of a failed attempt until %s (K8S_CELERY_KEEP_FAILED_JOBS)",
                  job_name, _iso(until))
         return True
-
-
-def kept(job: dict, now: float | None = None) -> bool:
-    """Is ``job`` marked to be kept beyond ``now``?"""
-    value = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_KEEP_UNTIL)
-    if not value:
-        return False
-    try:
-        until = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return False
-    return until > (time.time() if now is None else now)
 
 
 def pod_events(api: KubeApi, namespace: str, kind: str, name: str | None, limit: int = 3) -> str:

@@ -24,7 +24,7 @@ from .hub import LAUNCH_FAILED, PENDING_TIMEOUT, REQUEUE, TERMINATED, LoopBridge
 from .informer import ObjectCache
 from .launcher import Launcher, QuotaExceeded
 from .manifest import delivery_selector
-from .postmortem import PostMortem, kept
+from .postmortem import PostMortem
 
 log = logging.getLogger("k8s_celery.pool")
 
@@ -249,6 +249,9 @@ class Reconciler:
                 result.state == outcomes.LOST and not self.reporter.final_loss(delivery))
             if result.state == outcomes.LOST and delivery.job_uid:
                 self.launcher.lost_jobs.add(delivery.job_uid)
+            if delivery.job_uid and (result.state == outcomes.TIME_LIMIT or
+                                     (result.state == outcomes.REJECTED and result.requeue)):
+                self.launcher.requeued_jobs.add(delivery.job_uid)
             if requeued:
                 slot_freed = self.table.remove(delivery)
         self.post_mortem.begin(delivery, result, on_read=lambda: self.enqueue(delivery.key))
@@ -282,9 +285,10 @@ class Reconciler:
                                         label_selector=delivery_selector(delivery.key))
             for job in jobs:
                 uid = job["metadata"]["uid"]
-                if kept(job):
+                requeued = uid in self.launcher.requeued_jobs  # an earlier attempt, ended
+                if self.post_mortem.keep_reported(delivery, job, requeued):
                     continue
-                if uid in delivery.job_uids or outcomes.job_condition(job) is not None:
+                if uid in delivery.job_uids or requeued or outcomes.job_condition(job) is not None:
                     self._delete_job(job["metadata"]["name"], uid)
         except ApiError as exc:  # the TTL controller removes them later
             log.warning("cannot clean up the Jobs of %s[%s]: %s", delivery.spec.name, delivery.task_id, exc)

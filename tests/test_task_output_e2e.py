@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from billiard.exceptions import TimeLimitExceeded
 
 from conftest import jobs_in, logs_command, relay_done, relayed, running_pod_of
 from k8s_celery.cluster import collection_path
@@ -152,3 +153,31 @@ def test_a_refused_log_read_warns_once_and_tasks_still_succeed(start_shim, taska
     warnings = [line for line in shim.log().splitlines() if "task output is not relayed" in line]
     assert len(warnings) == 1 and "may not get pods/log" in warnings[0], warnings
     assert not any(relayed(shim, result.id) for result in results)
+
+
+def test_a_rejection_that_requeues_is_not_kept_so_the_redelivery_runs(start_shim, taskapp, k8s_cluster,
+                                                                       k8s_namespace):
+    start_shim()
+    # A kept Job of the same delivery would be taken for its outcome by the redelivery.
+    assert taskapp.reject_once.delay("requeued").get(timeout=90) == 2
+    wait_until(lambda: not jobs_in(k8s_cluster, k8s_namespace), message=lambda: "both attempts' Jobs deleted: "
+               + str([(j["metadata"]["name"], j["metadata"].get("annotations"), j.get("status", {}).get("conditions"))
+                      for j in jobs_in(k8s_cluster, k8s_namespace)]))
+
+
+def test_a_time_limit_celery_requeues_runs_again_though_its_job_is_kept(start_shim, taskapp, k8s_cluster,
+                                                                         k8s_namespace):
+    shim = start_shim()
+    result = taskapp.slow_once.delay("requeued")
+    # As under prefork: Celery stores the TimeLimitExceeded, requeues the message, and the
+    # second run's success replaces it.
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=120)
+    wait_until(lambda: taskapp.app.AsyncResult(result.id).state == "SUCCESS", timeout=60,
+               message="the requeued run's success")
+    assert taskapp.app.AsyncResult(result.id).result == 2
+    # The first attempt's Job is kept for a post-mortem; the second's went with its success.
+    [job] = wait_until(lambda: (lambda jobs: jobs if len(jobs) == 1 else None)(jobs_in(k8s_cluster, k8s_namespace)),
+                       message="only the timed-out attempt's Job left")
+    assert kept(job) and job["metadata"]["labels"]["k8s-celery.io/attempt"] == "1"
+    assert shim.log().count("already ran in Job") <= 1, shim.log()

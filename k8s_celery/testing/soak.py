@@ -48,8 +48,7 @@ from typing import Any, Callable
 import yaml
 
 from ..cluster import collection_path
-from ..manifest import MANAGED_SELECTOR
-from ..postmortem import kept
+from ..manifest import MANAGED_SELECTOR, kept
 from .cluster import LocalCluster
 from .redis import RedisServer
 

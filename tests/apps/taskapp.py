@@ -179,6 +179,25 @@ def reject():
     raise Reject("no thanks", requeue=False)
 
 
+@app.task(name="taskapp.reject_once")
+def reject_once(key):
+    """Reject with requeue on the first run; return the run's number on the next."""
+    runs = store().incr(f"rejections:{key}")
+    if runs == 1:
+        raise Reject("not yet", requeue=True)
+    return runs
+
+
+@app.task(name="taskapp.slow_once", time_limit=4, acks_on_failure_or_timeout=False, acks_on_timeout=False)
+def slow_once(key):
+    """Run past the time limit the first time (Celery then requeues the message: the task
+    does not ack on a timeout); return the run's number the next time."""
+    runs = store().incr(f"slow:{key}")
+    if runs == 1:
+        time.sleep(60)
+    return runs
+
+
 @app.task(name="taskapp.echo")
 def echo(value):
     return value
