@@ -162,12 +162,12 @@ class KubernetesPool(BasePool):
         self.liveness.tick()
         self._liveness_timer = loop.call_repeatedly(self.liveness.tick_interval, self.liveness.tick)
 
-    def worker_settings(self) -> dict:
+    def worker_settings(self, queues: list[str]) -> dict:
         """What the pod's start-up signals need of this worker (see ``runner.start_worker_process``):
-        its hostname (Celery hands it to the pool as ``initargs``), log level and queues."""
+        its hostname (Celery hands it to the pool as ``initargs``), log level and ``queues``."""
         initargs = self.options.get("initargs") or (None, None)
         return {"hostname": initargs[1] if len(initargs) > 1 else None,
-                "loglevel": logging.getLogger().getEffectiveLevel(), "queues": self.consumed_queues()}
+                "loglevel": logging.getLogger().getEffectiveLevel(), "queues": queues}
 
     def consumed_queues(self) -> list[str]:
         try:
@@ -188,11 +188,12 @@ class KubernetesPool(BasePool):
                  **options) -> Delivery:
         name, task_id, request, body, content_type, content_encoding = args[:6]
         body = body_bytes(body, content_encoding)
-        spec = TaskSpec(task_id=task_id, name=name, queue=_queue_of(self.app, request, self.consumed_queues()),
+        queues = self.consumed_queues()
+        spec = TaskSpec(task_id=task_id, name=name, queue=_queue_of(self.app, request, queues),
                         request=request, body=body, content_type=content_type,
                         content_encoding=content_encoding, delivery=delivery_key(task_id, name, request, body),
                         soft_time_limit=soft_timeout or self.options.get("soft_timeout"),
-                        time_limit=timeout or self.options.get("timeout"), worker=self.worker_settings())
+                        time_limit=timeout or self.options.get("timeout"), worker=self.worker_settings(queues))
         celery_request = CeleryRequest(accept_callback, callback, error_callback, timeout_callback)
         delivery = self.table.add(Delivery(spec, celery_request, self._on_terminate))
         metrics.IN_FLIGHT.set(len(self.table))

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
-
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Callable
 
 from . import outcome as outcomes
@@ -129,8 +128,7 @@ class JobKeeper:
         self.enabled = keep_seconds > 0
 
     def wanted(self, result: outcomes.Outcome) -> bool:
-        # Not a rejection that requeues: its redelivery would find the kept Job of the same
-        # delivery and take it for its outcome, over and over, instead of running again.
+        # Not a rejection that requeues: the task asked to run again, it did not fail.
         return self.enabled and result.state in KEPT_STATES and not result.requeue
 
     def disable(self, reason: str) -> None:

@@ -152,8 +152,9 @@ class ProcessKubelet:
     def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
         """The output of the pod's containers (or of one), every run in order."""
         runtime_dir = self._pod_dir(namespace, name)
-        parts = sorted((runtime_dir / "containers").glob(f"{container or '*'}-*/log"))
-        return "".join(p.read_text(errors="replace") for p in parts)
+        runs = container_runs(runtime_dir, container) if container else \
+            sorted(path.parent for path in (runtime_dir / "containers").glob("*/log"))
+        return "".join((run / "log").read_text(errors="replace") for run in runs)
 
     def container_log(self, namespace: str, name: str, container: str, previous: bool = False
                       ) -> tuple[Path, bool]:
@@ -161,24 +162,22 @@ class ProcessKubelet:
         whether that run is still running; :class:`LogRequestError` as the kubelet
         answers when there is none."""
         with self._lock:
-            runtime = next((r for r in self._runtimes.values() if (r.namespace, r.name) == (namespace, name)),
-                           None)
-            if runtime is None:
-                raise LogRequestError(404, f"pod {namespace}/{name} does not exist")
+            try:
+                runtime = self._runtime(namespace, name)
+            except LookupError:
+                raise LogRequestError(404, f"pod {namespace}/{name} does not exist") from None
             if container not in {c["name"] for c in all_containers(runtime.pod)}:
                 raise LogRequestError(404, f"container {container!r} not found in pod {namespace}/{name}")
-            runs = sorted(((int(path.name.rsplit("-", 1)[1]), path)
-                           for path in (runtime.dir / "containers").glob(f"{container}-*")
-                           if path.name.rsplit("-", 1)[0] == container and path.name.rsplit("-", 1)[1].isdigit()))
+            runs = container_runs(runtime.dir, container)
             if previous:
                 if len(runs) < 2:
                     raise LogRequestError(400, f'previous terminated container "{container}" in pod '
                                                f'"{name}" not found')
-                return runs[-2][1], False
+                return runs[-2], False
             if not runs:
                 raise LogRequestError(400, f'container "{container}" in pod "{name}" is waiting to start: '
                                            "ContainerCreating")
-            return runs[-1][1], self.run_is_running(runs[-1][1])
+            return runs[-1], self.run_is_running(runs[-1])
 
     def run_is_running(self, run_dir: Path) -> bool:
         """Whether the container run in ``run_dir`` still has its process running."""
@@ -310,6 +309,16 @@ class ProcessKubelet:
         with self._lock:
             active = sum(1 for r in self._runtimes.values() if r.phase not in TERMINAL_PHASES)
             return list(self._pods.values()), active
+
+
+def container_runs(pod_dir: Path, container: str) -> list[Path]:
+    """The run directories of one container of a pod (``<name>-<restarts>``), oldest first."""
+    runs = []
+    for path in (pod_dir / "containers").glob(f"{container}-*"):
+        base, _, number = path.name.rpartition("-")
+        if base == container and number.isdigit():
+            runs.append((int(number), path))
+    return [path for _, path in sorted(runs)]
 
 
 def register_node(api: KubeApi, node_name: str, pod_capacity: int | None, kubelet_port: int | None = None) -> None:
