@@ -195,6 +195,21 @@ def live_jobs(cluster, namespace: str) -> list[dict]:
     return [job for job in jobs_in(cluster, namespace) if not kept(job)]
 
 
+def only_kept_jobs(cluster, namespace: str, count: int = 1, timeout: float = 60) -> list[dict]:
+    """Wait until the worker's Jobs are ``count`` Jobs, all kept for a post-mortem; return them.
+
+    A failed attempt's Job is marked kept after Celery's ack, while another task's
+    clean-up may delete its own Job first: wait for the mark, not only for the count.
+    """
+    from k8s_celery.postmortem import kept
+
+    def settled():
+        jobs = jobs_in(cluster, namespace)
+        return jobs if len(jobs) == count and all(kept(job) for job in jobs) else None
+
+    return wait_until(settled, timeout=timeout, message=f"{count} kept Job(s) left, no other")
+
+
 def running_pod_of(cluster, namespace: str, task_id: str, timeout: float = 60) -> dict:
     """Wait for a Running pod of the task; return it."""
     from k8s_celery.cluster import collection_path

@@ -9,10 +9,9 @@ import re
 import pytest
 from billiard.exceptions import TimeLimitExceeded
 
-from conftest import jobs_in, logs_command, relay_done, relayed, running_pod_of
+from conftest import jobs_in, logs_command, only_kept_jobs, relay_done, relayed, running_pod_of
 from k8s_celery.cluster import collection_path
 from k8s_celery.manifest import ANNOTATION_TASK_ID
-from k8s_celery.postmortem import kept
 from k8s_celery.testing import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -51,11 +50,9 @@ def test_a_failure_is_relayed_its_job_kept_and_logs_reads_it(start_shim, taskapp
     assert any(re.search(r"FAILURE in [\d.]+s$", line) for line in lines)
     assert not any("Logging error" in line for line in lines), lines  # runtime=None once broke that line
     wait_until(lambda: redis_server.client().hlen("unacked") == 0, message="both messages acked")
-    wait_until(lambda: [j["metadata"]["annotations"][ANNOTATION_TASK_ID] for j in
-                        jobs_in(k8s_cluster, k8s_namespace)] == [failed.id],
-               message="only the failed task's Job left")
-    [job] = jobs_in(k8s_cluster, k8s_namespace)
-    assert kept(job) and job["spec"]["ttlSecondsAfterFinished"] >= 3600, job["metadata"]
+    [job] = only_kept_jobs(k8s_cluster, k8s_namespace)
+    assert job["metadata"]["annotations"][ANNOTATION_TASK_ID] == failed.id
+    assert job["spec"]["ttlSecondsAfterFinished"] >= 3600, job["metadata"]
     assert not relayed(shim, ok.id)  # mode "failed": a success's output stays in its pod
 
     done = logs_command(k8s_cluster, k8s_namespace, failed.id)
@@ -94,9 +91,8 @@ def test_every_lost_attempt_is_relayed_with_its_reason_and_logs_shows_all(start_
     assert result.get(timeout=90) == 1
     lines = relay_done(shim, result.id, "attempt 1 was lost")
     assert "(pod Evicted: The node was low on resource: memory." in lines[0]
-    jobs = wait_until(lambda: (lambda jobs: jobs if len(jobs) == 1 else None)(jobs_in(k8s_cluster, k8s_namespace)),
-                      message="the lost attempt's Job alone kept, the success's deleted")
-    assert jobs[0]["metadata"]["labels"]["k8s-celery.io/attempt"] == "1" and kept(jobs[0])
+    jobs = only_kept_jobs(k8s_cluster, k8s_namespace)  # the lost attempt's; the success's deleted
+    assert jobs[0]["metadata"]["labels"]["k8s-celery.io/attempt"] == "1"
     done = logs_command(k8s_cluster, k8s_namespace, result.id, "--all-attempts")
     assert done.returncode == 0, done.stderr
     assert "==> attempt 1: pod" in done.stdout and "Evicted" in done.stdout.splitlines()[0]
@@ -177,7 +173,6 @@ def test_a_time_limit_celery_requeues_runs_again_though_its_job_is_kept(start_sh
                message="the requeued run's success")
     assert taskapp.app.AsyncResult(result.id).result == 2
     # The first attempt's Job is kept for a post-mortem; the second's went with its success.
-    [job] = wait_until(lambda: (lambda jobs: jobs if len(jobs) == 1 else None)(jobs_in(k8s_cluster, k8s_namespace)),
-                       message="only the timed-out attempt's Job left")
-    assert kept(job) and job["metadata"]["labels"]["k8s-celery.io/attempt"] == "1"
+    [job] = only_kept_jobs(k8s_cluster, k8s_namespace)  # the timed-out attempt's
+    assert job["metadata"]["labels"]["k8s-celery.io/attempt"] == "1"
     assert shim.log().count("already ran in Job") <= 1, shim.log()

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import jobs_in, logs_command, relay_done, running_pod_of
-from k8s_celery.postmortem import kept
+from conftest import logs_command, only_kept_jobs, relay_done, running_pod_of
 from k8s_celery.testing import wait_until
 
 from .conftest import write_real_manifest
@@ -36,9 +35,7 @@ def test_output_failures_and_logs_on_a_real_node(start_real_shim, taskapp, real_
     lines = relay_done(shim, failed.id, "last line of real-broken")
     assert "WARNING/MainProcess" in lines[0] and "failed (ValueError: chatty real-broken failed)" in lines[0]
     assert any(line.endswith("| raw \\xff\\xfe \\x1b[31mred\\x1b[0m end") for line in lines)
-    [job] = wait_until(lambda: (lambda jobs: jobs if len(jobs) == 1 else None)(jobs_in(real_cluster, real_namespace)),
-                       timeout=60, message="only the failed task's Job kept")
-    assert kept(job)
+    only_kept_jobs(real_cluster, real_namespace)  # the failed task's
     done = logs_command(real_cluster, real_namespace, failed.id)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("==> attempt 1: pod ")
