@@ -27,9 +27,10 @@ from k8s_celery.testing.requirements import real_node_unavailable
 from . import realnode
 from .harness import ROOT, environment
 from .measure import RAISED, Plan, Row, api_requests, latency, pod_side, throughput
+from .output import pod_output
 from .stats import markdown_table
 
-MEASUREMENTS = {"latency": latency, "requests": api_requests, "throughput": throughput}
+MEASUREMENTS = {"latency": latency, "requests": api_requests, "throughput": throughput, "output": pod_output}
 #: Measurements with an environment of their own: the process kubelet's real pods, a real node.
 OWN_ENVIRONMENT = ("pod", "realnode")
 

@@ -114,6 +114,7 @@ class SimulatedPods:
     def __init__(self, cluster: LocalCluster):
         self.cluster = cluster
         self.hold: float | None = 0.0
+        self.output = b""  # what each pod's container writes before it ends
         self.running: dict[str, tuple[str, str]] = {}
         self.since: dict[str, float] = {}
         self.ended: dict[str, float] = {}
@@ -172,7 +173,7 @@ class SimulatedPods:
         namespace, pod = self.running[job]
         self.ended.setdefault(job, time.time())
         try:
-            self.cluster.kubelet.finish(namespace, pod, exit_code=0, message=SUCCESS_MESSAGE)
+            self.cluster.kubelet.finish(namespace, pod, exit_code=0, message=SUCCESS_MESSAGE, output=self.output)
         except LookupError:
             pass  # deleted meanwhile
 
@@ -234,15 +235,20 @@ class AuditLog:
                 continue  # a line cut by a mark
 
     def count(self, start: int, end: int, user: str) -> Counter:
-        """Requests ``user`` started between the marks: ``{(verb, resource): n}``.
+        """Requests ``user`` started between the marks: ``{(verb, resource): n}``, the
+        resource with its subresource (``pods/log``).
 
         Each request is counted once, at its RequestReceived stage (a watch's
         ResponseComplete comes only when it ends, maybe after ``end``).
         """
-        return Counter((record["verb"], (record.get("objectRef") or {}).get("resource", ""))
+        return Counter((record["verb"], _resource(record.get("objectRef") or {}))
                        for record in self.records(start, end)
                        if record.get("stage") == "RequestReceived"
                        and record.get("user", {}).get("username") == user)
+
+
+def _resource(ref: dict) -> str:
+    return "/".join(filter(None, (ref.get("resource", ""), ref.get("subresource"))))
 
 
 def timestamp(text: str) -> float:

@@ -414,10 +414,10 @@ def footprint_rows(runs: list[BacklogRun], backlog: int, raw_cpu: Spread) -> lis
 
 def pod_side(env: Environment, plan: Plan) -> list[Row]:
     """The price of isolation: a no-op in its own pod, against a bare interpreter and prefork."""
-    import_celery = [wall([sys.executable, "-c", "import celery"], env) for _ in range(plan.pod_runs + 1)][1:]
-    import_app = [wall([sys.executable, "-c", "import celery, bench.benchapp"], env)
+    import_celery = [wall([sys.executable, "-c", "import celery"], env)[0] for _ in range(plan.pod_runs + 1)][1:]
+    import_app = [wall([sys.executable, "-c", "import celery, bench.benchapp"], env)[0]
                   for _ in range(plan.pod_runs + 1)][1:]
-    run_task = [run_task_once(env) for _ in range(plan.pod_runs + 1)][1:]
+    run_task = [run_task_once(env)[0] for _ in range(plan.pod_runs + 1)][1:]
     with prefork_worker(env):
         prefork, prefork_delivery = dispatch_to_result(env, plan.pod_runs, queue="prefork")
     with Shim(env, max_jobs=2):
@@ -436,26 +436,30 @@ def pod_side(env: Environment, plan: Plan) -> list[Row]:
     ]
 
 
-def wall(argv: list[str], env: Environment) -> float:
-    """Wall seconds of one run of ``argv`` with the bench app's environment."""
+def wall(argv: list[str], env: Environment, capture: bool = False) -> tuple[float, bytes]:
+    """Wall seconds of one run of ``argv`` with the bench app's environment, and its
+    output (stdout and stderr, as a container's log has them) if ``capture``."""
     environ = {**env.app_environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     started = time.perf_counter()
-    subprocess.run(argv, env=environ, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run(argv, env=environ, check=True, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT)
+    return time.perf_counter() - started, done.stdout or b""
 
 
-def run_task_once(env: Environment) -> float:
-    """Wall seconds of ``k8s-celery run-task`` of a new no-op task, as a pod runs it (without the pod)."""
+def run_task_once(env: Environment, capture: bool = False) -> tuple[float, bytes]:
+    """Wall seconds of ``k8s-celery run-task`` of a new no-op task, as a pod runs it (without
+    the pod), and its output if ``capture``."""
     spec = no_op_spec(env.app)
     with tempfile.TemporaryDirectory() as directory:
         payload, log = Path(directory) / "payload.json", Path(directory) / "termination-log"
         payload.write_bytes(payload_bytes(spec))
-        seconds = wall([str(Path(sys.executable).parent / "k8s-celery"), "run-task", "-A", "bench.benchapp",
-                        "--payload", str(payload), "--termination-log", str(log)], env)
+        seconds, output = wall([str(Path(sys.executable).parent / "k8s-celery"), "run-task", "-A",
+                                "bench.benchapp", "--payload", str(payload), "--termination-log", str(log)],
+                               env, capture)
         result = outcome.decode(log.read_text())
     if result is None or result.state != outcome.SUCCESS:
         raise RuntimeError(f"run-task did not succeed: {result}")
-    return seconds
+    return seconds, output
 
 
 def dispatch_to_result(env: Environment, runs: int, **options) -> tuple[list[float], list[float]]:

@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import AuditLog  # noqa: E402
-from bench.measure import no_op_spec, split  # noqa: E402
+from bench.measure import Plan, no_op_spec, split  # noqa: E402
+from bench.output import RELAYED, requests_row  # noqa: E402
 from bench.realnode import (COMMANDS, FLOOR, GAP_PARTS, IMPORT, RUNNER, SECRET, SHIM, START, Sample,  # noqa: E402
                             bare_job, containers_terminated, difference, epoch, gap_parts, p50s, printed_time,
                             rotation, spread, terminal_condition)
@@ -193,3 +194,30 @@ def test_bare_jobs_keep_the_shim_s_pod_spec_and_change_only_command_and_secret()
     secret_pod = bare_job(template, spec, SECRET)["spec"]["template"]["spec"]
     assert any("secret" in volume for volume in secret_pod["volumes"])
     assert secret_pod["containers"][0]["command"] == COMMANDS[SECRET]
+
+
+def test_audit_log_names_a_subresource_with_its_resource(tmp_path):
+    path = tmp_path / "audit.log"
+    path.write_text('{"stage": "RequestReceived", "user": {"username": "shim"}, "verb": "get", '
+                    '"objectRef": {"resource": "pods", "subresource": "log"}}\n')
+    assert AuditLog(path).count(0, path.stat().st_size, "shim") == Counter({("get", "pods/log"): 1})
+
+
+def test_the_output_rows_verdict_is_plus_nothing_for_failed_and_at_most_one_for_all():
+    def runs(total_per_mode: dict[str, float]) -> dict[str, list[Counter]]:
+        return {mode: [Counter({("create", "jobs"): 1.0, ("delete", "jobs"): 1.0,
+                                ("get", "pods/log"): total - 2.0})] for mode, total in total_per_mode.items()}
+
+    row = requests_row(Plan(), 1, runs({"none": 2.0, "failed": 2.0, "all": 3.0}))
+    assert row.met == "yes" and row.ratio == "failed +0.00, all +1.00 against none"
+    assert "all 3.00: create jobs 1.00, delete jobs 1.00, get pods/log 1.00" in row.shim
+    assert requests_row(Plan(), 1, runs({"none": 2.0, "failed": 2.5, "all": 3.0})).met == "no"
+    assert requests_row(Plan(), 1, runs({"none": 2.0, "failed": 2.0, "all": 4.0})).met == "no"
+
+
+def test_the_relay_header_of_a_success_is_what_the_bench_counts():
+    from k8s_celery import outcome
+    from k8s_celery.podlogs import describe
+
+    header = f"bench.noop[id] pod kc-x-1-abcde attempt 1 {describe(outcome.Outcome(outcome.SUCCESS))}; its output:"
+    assert RELAYED.search(header)

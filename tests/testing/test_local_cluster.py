@@ -320,8 +320,12 @@ def test_simulated_pods_run_no_process_and_end_on_command():
         cluster.api.create(collection_path("jobs", "default"), job("simulated", "exit 3"))
         pod = running_pod(cluster.api, "default", "simulated")
         assert cluster.kubelet.processes() == []
-        cluster.kubelet.finish("default", pod["metadata"]["name"], exit_code=0, message="done")
+        log_path = object_path("pods", "default", pod["metadata"]["name"], "log")
+        assert b"".join(cluster.api.stream(log_path, {})) == b""  # running, nothing written yet
+        cluster.kubelet.finish("default", pod["metadata"]["name"], exit_code=0, message="done",
+                               output=b"what the task printed\n")
         condition = job_end(cluster.api, "default", "simulated")
         assert condition["type"] == "Complete"
         [pod] = pods_of(cluster.api, "default", "simulated")
         assert terminated(pod)["message"] == "done"
+        assert b"".join(cluster.api.stream(log_path, {})) == b"what the task printed\n"  # served as a process's

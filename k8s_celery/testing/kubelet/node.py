@@ -63,7 +63,7 @@ class ProcessKubelet:
         self.scheduler = Scheduler(api, node_name, self._scheduling_snapshot, pod_capacity)
         self._pods: dict[str, dict] = {}           # uid -> latest pod object, all nodes
         self._runtimes: dict[str, PodRuntime] = {}  # uid -> runtime, this node
-        self._simulated: dict[str, tuple[int, str]] = {}
+        self._simulated: dict[str, tuple[int, str, bytes]] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -143,10 +143,12 @@ class ProcessKubelet:
         """SIGKILL the containers; no termination message is reported."""
         self._runtime(namespace, name).inject(PodFault("crash", "Error"))
 
-    def finish(self, namespace: str, name: str, exit_code: int = 0, message: str = "") -> None:
-        """Simulation mode: end a pod's containers with this exit code and message."""
+    def finish(self, namespace: str, name: str, exit_code: int = 0, message: str = "",
+               output: bytes = b"") -> None:
+        """Simulation mode: end a pod's containers with this exit code and termination
+        message, each having written ``output``."""
         runtime = self._runtime(namespace, name)
-        self._simulated[runtime.uid] = (exit_code, message)
+        self._simulated[runtime.uid] = (exit_code, message, output)
         runtime.wake.set()
 
     def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
@@ -300,8 +302,8 @@ class ProcessKubelet:
                     return self.root / "pods" / pod["metadata"]["uid"]
         raise LookupError(f"pod {namespace}/{name} is unknown to {self.node_name}")
 
-    def _simulated_end(self, uid: str) -> tuple[int, str] | None:
-        """Simulation mode: the ``(exit code, message)`` :meth:`finish` set for the pod."""
+    def _simulated_end(self, uid: str) -> tuple[int, str, bytes] | None:
+        """Simulation mode: the ``(exit code, message, output)`` :meth:`finish` set for the pod."""
         return self._simulated.get(uid)
 
     def _scheduling_snapshot(self) -> tuple[list[dict], int]:

@@ -142,19 +142,26 @@ class PodRuntime:
         self._run_containers(spec["containers"], mounts)
 
     def _simulate(self) -> None:
-        """Benchmark mode: Running at once, no process; ends on :meth:`ProcessKubelet.finish`."""
+        """Benchmark mode: Running at once, no process; ends on :meth:`ProcessKubelet.finish`,
+        which also says what the containers wrote (their logs are served as a process's)."""
         started = now()
         for container in self.pod["spec"]["containers"]:
-            self.runs[container["name"]] = ContainerRun(
-                container["name"], None, self.dir / "log", self.dir / "none", started)
+            run_dir = self.dir / "containers" / f"{container['name']}-0"
+            message_path = create_run_dir(run_dir)
+            (run_dir / "log").write_bytes(b"")
+            self.runs[container["name"]] = ContainerRun(container["name"], None, run_dir / "log",
+                                                        message_path, started)
         self.phase = "Running"
         self._report(self._statuses())
         while not (self.terminating or self.fault or self.kubelet._simulated_end(self.uid)):
             self._sleep(1.0)
-        outcome = self.kubelet._simulated_end(self.uid) or (137, "")
+        exit_code, message, output = self.kubelet._simulated_end(self.uid) or (137, "", b"")
         for run in self.runs.values():
-            run.exit_code, run.finished_at = outcome[0], now()
-        self.simulated_message = outcome[1]
+            if output:
+                with open(run.log_path, "ab") as log:
+                    log.write(output)
+            run.exit_code, run.finished_at = exit_code, now()
+        self.simulated_message = message
         self._finish()
 
     def _wait_for_references(self) -> bool:
