@@ -81,7 +81,7 @@ class KubernetesPool(BasePool):
             raise ConfigError(f"no Job manifest for queue(s) {', '.join(missing)} in "
                               f"{self.settings.manifests_dir} (and K8S_CELERY_JOB_MANIFEST is unset)")
         self.manifests.check(queues)
-        self.app_name = self.settings.app or os.environ.get("K8S_CELERY_APP") or _guess_app_name()
+        self.app_name = self.settings.app or os.environ.get("K8S_CELERY_APP") or _guess_app_name(self.app)
         if not self.app_name:
             raise ConfigError("cannot tell which Celery app the pods should load: "
                               "set K8S_CELERY_APP or the k8s_celery_app setting")
@@ -313,8 +313,13 @@ def _is_revocation(delivery: Delivery) -> bool:
     return False
 
 
-def _guess_app_name() -> str | None:
-    """The ``-A`` value the worker was started with, for the pods to load."""
+#: What the pods load when the worker is Nautobot's (``nautobot-server celery worker``, no ``-A``).
+NAUTOBOT_APP = "k8s_celery.contrib.nautobot"
+
+
+def _guess_app_name(app) -> str | None:
+    """The ``-A`` value the worker was started with, for the pods to load; for Nautobot's
+    app, the module that loads Nautobot's settings first, as ``nautobot-server`` does."""
     import sys
 
     argv = sys.argv
@@ -325,4 +330,6 @@ def _guess_app_name() -> str | None:
             return arg.split("=", 1)[1]
         if arg.startswith("-A") and len(arg) > 2:
             return arg[2:]
+    if type(app).__module__ == "nautobot.core.celery":
+        return NAUTOBOT_APP
     return None

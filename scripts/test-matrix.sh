@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Celery version matrix of tox.ini: the unit tests and the core end-to-end subset on
 # each pinned Celery (celery55: 5.5.3 with kombu 5.5.4 and billiard 4.2.1; celery56: 5.6.3;
-# celery57: 5.7.0). tox itself lives in a virtualenv of its own under ~/.cache/k8s-celery.
+# celery57: 5.7.0), and Nautobot's end-to-end tests (nautobot: Nautobot from PyPI on its own
+# Celery 5.6). tox itself lives in a virtualenv of its own under ~/.cache/k8s-celery.
 #
 #   bash scripts/test-matrix.sh                 # celery55 and celery57
 #   bash scripts/test-matrix.sh celery55 -k rabbit -x    # one leg; further arguments go to pytest

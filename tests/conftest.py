@@ -63,6 +63,19 @@ def write_manifest(directory: Path, queue: str, broker_url: str, image: str = IM
     return path
 
 
+def deployment_manifest(directory: Path, queue: str, app_label: str, env: dict[str, str], **container) -> Path:
+    """A queue's Job manifest for a test deployment (Django, RabbitMQ, Nautobot): its task
+    container gets the deployment's environment, and ``container``'s other fields."""
+    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": {"app": app_label}},
+                "spec": {"template": {"spec": {"containers": [
+                    {"name": "task", "image": IMAGE, "env": [{"name": k, "value": v} for k, v in env.items()],
+                     **container}]}}}}
+    path = directory / queue / "manifest.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
 class Shim:
     """A `k8s-celery worker` process."""
 
@@ -138,6 +151,20 @@ def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def stop_all(shims: list, processes: list[tuple[str, subprocess.Popen, Path]], failed: bool) -> None:
+    """Stop a deployment's shims and other processes (``(name, process, log path)``); print
+    their logs if the test failed."""
+    for shim in shims:
+        shim.stop()
+    for _, process, _ in processes:
+        stop_process(process)
+    if failed:
+        for shim in shims:
+            print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")
+        for name, _, path in processes:
+            print(f"---- {name} log ----\n{path.read_text(errors='replace')[-8000:]}")
 
 
 def call_failed(request) -> bool:

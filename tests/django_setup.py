@@ -11,13 +11,11 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import yaml
 from celery import Celery
 
-from conftest import IMAGE, Shim, stop_process
+from conftest import Shim, deployment_manifest, stop_all
 from k8s_celery.testing import wait_until
 from rabbit_setup import restore_environment
 
@@ -90,14 +88,7 @@ class DjangoSetup:
 
     def write_manifest(self, queue: str) -> Path:
         """The queue's Job manifest: the pods run the project with the same settings."""
-        env = [{"name": name, "value": value} for name, value in self.env.items()]
-        manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": {"app": "proj"}},
-                    "spec": {"template": {"spec": {"containers": [
-                        {"name": "task", "image": IMAGE, "env": env, "workingDir": str(PROJECT)}]}}}}
-        path = self.manifests / queue / "manifest.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(manifest))
-        return path
+        return deployment_manifest(self.manifests, queue, "proj", self.env, workingDir=str(PROJECT))
 
     def start_shim(self, wait: bool = True, **options) -> Shim:
         """``k8s-celery worker -A proj`` on the ``kubernetes`` queue."""
@@ -141,18 +132,9 @@ class DjangoSetup:
 
     def close(self, failed: bool = False) -> None:
         """Stop every process, print their logs if the test failed, drop the database."""
-        for shim in self.shims:
-            shim.stop()
-        for _, process, _ in self.processes:
-            stop_process(process)
-        if failed:
-            for shim in self.shims:
-                print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")
-            for name, _, path in self.processes:
-                print(f"---- {name} log ----\n{path.read_text(errors='replace')[-8000:]}")
-        time.sleep(0.2)
+        stop_all(self.shims, self.processes, failed)
         try:
-            self.postgres.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            self.postgres.drop_database(self.db)
         except Exception as exc:
             print(f"cannot drop database {self.db}: {exc}")
         restore_environment(self._saved_env)

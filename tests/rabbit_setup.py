@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import yaml
 
-from conftest import APPS, IMAGE, Shim
+from conftest import APPS, Shim, deployment_manifest, stop_all
 
 REPO = Path(__file__).parent.parent
 
@@ -52,15 +51,8 @@ class RabbitSetup:
 
     def write_manifest(self, queue: str) -> Path:
         """The queue's Job manifest: the pods get the same broker, backend and app options."""
-        env = [{"name": name, "value": value} for name, value in self.env.items()]
-        env.append({"name": "PYTHONPATH", "value": f"{REPO}{os.pathsep}{APPS}"})
-        manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": {"app": "rabbitapp"}},
-                    "spec": {"template": {"spec": {"containers": [
-                        {"name": "task", "image": IMAGE, "env": env}]}}}}
-        path = self.manifests / queue / "manifest.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(manifest))
-        return path
+        return deployment_manifest(self.manifests, queue, "rabbitapp",
+                                   {**self.env, "PYTHONPATH": f"{REPO}{os.pathsep}{APPS}"})
 
     def start_shim(self, wait: bool = True, env: dict | None = None, **options) -> Shim:
         """Start a ``k8s-celery worker -A rabbitapp`` on this vhost; stopped by :meth:`close`."""
@@ -95,11 +87,7 @@ class RabbitSetup:
 
     def close(self, failed: bool = False) -> None:
         """Stop the shims (printing their logs if the test failed) and delete the vhost."""
-        for shim in self.shims:
-            shim.stop()
-        if failed:
-            for shim in self.shims:
-                print(f"---- {shim.hostname} log ----\n{shim.log()[-20000:]}")
+        stop_all(self.shims, [], failed)
         try:
             self.rabbit.delete_vhost(self.vhost)
         except Exception as exc:  # the node may have been stopped by the test

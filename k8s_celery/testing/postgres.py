@@ -122,9 +122,15 @@ class PostgresServer(LocalServer):
         """Create database ``name`` (dropped first if it exists); returns ``name``."""
         from psycopg import sql
 
-        self.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        self.drop_database(name)
         self.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return name
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` if it exists, closing its connections."""
+        from psycopg import sql
+
+        self.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     def django_settings(self, dbname: str) -> dict:
         """A Django ``DATABASES`` entry for ``dbname``."""

@@ -1,0 +1,1 @@
+"""Ready-made entry points for applications that need more than ``celery -A module``."""
