@@ -106,6 +106,18 @@ class NautobotSetup:
                   self.env, timeout=120)
         return out.strip().splitlines()[-1]
 
+    def schedule(self, job: str, seconds: int, queue: str = QUEUE, **kwargs) -> str:
+        """Schedule a test Job to run once, ``seconds`` from now, as Nautobot's UI does; the
+        ScheduledJob's id (Nautobot's Beat sends it: :meth:`start_beat`)."""
+        out = run([sys.executable, HERE / "nautobot_actions.py", "schedule", job, queue, str(seconds),
+                   json.dumps(kwargs)], self.env, timeout=120)
+        return out.strip().splitlines()[-1]
+
+    def cancel(self, result_id: str) -> dict:
+        """Cancel a JobResult as Nautobot's UI and API do; what Nautobot answered."""
+        out = run([sys.executable, HERE / "nautobot_actions.py", "cancel", result_id], self.env, timeout=120)
+        return json.loads(out.strip().splitlines()[-1])
+
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
         return self.postgres.execute(query, params, dbname=self.db)
 
@@ -156,17 +168,25 @@ class NautobotSetup:
     def start_prefork_worker(self, queue: str) -> str:
         """Nautobot's own ``nautobot-server celery worker`` (prefork) on ``queue``; its node name."""
         hostname = f"prefork-{secrets.token_hex(3)}@local"
-        log_path = self.work_dir / f"{hostname}.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [str(BIN / "nautobot-server"), "celery", "worker", "-P", "prefork", "-c", "1", "-Q", queue,
-                 "-n", hostname, "-l", "INFO", "--without-mingle", "--without-gossip"],
-                env={**os.environ, **self.env, "C_FORCE_ROOT": "1"}, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        self.processes.append((hostname, process, log_path))
+        log_path = self._spawn(hostname, ["worker", "-P", "prefork", "-c", "1", "-Q", queue, "-n", hostname,
+                                          "-l", "INFO", "--without-mingle", "--without-gossip"])
         wait_until(lambda: f"{hostname} ready." in log_path.read_text(errors="replace"), timeout=90,
                    message=lambda: f"{hostname} ready:\n{log_path.read_text(errors='replace')[-3000:]}")
         return hostname
+
+    def start_beat(self) -> Path:
+        """Nautobot's ``nautobot-server celery beat`` (its database scheduler); its log."""
+        return self._spawn("beat", ["beat", "-l", "INFO", "--max-interval", "1", "--pidfile="])
+
+    def _spawn(self, name: str, celery_args: list[str]) -> Path:
+        """``nautobot-server celery <celery_args>``, stopped by :meth:`close`; its log file."""
+        log_path = self.work_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen([str(BIN / "nautobot-server"), "celery", *celery_args],
+                                       env={**os.environ, **self.env, "C_FORCE_ROOT": "1"}, cwd=self.work_dir,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((name, process, log_path))
+        return log_path
 
     def close(self, failed: bool = False) -> None:
         """Stop every process, print their logs if the test failed, drop the database."""

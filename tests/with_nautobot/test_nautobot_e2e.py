@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import jobs_in
 from k8s_celery.testing import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.nautobot]
@@ -67,21 +68,53 @@ def test_nautobot_server_celery_worker_runs_jobs_in_pods_with_the_pool(nautobot_
     assert f"-> Job {nautobot_site.namespace}/kc-" in shim.log()
 
 
-def test_a_job_whose_pod_is_deleted_is_requeued_and_succeeds(nautobot_site):
+def test_a_job_whose_pod_is_evicted_runs_again_and_succeeds(nautobot_site):
     """What nautobot#9461 leaves PENDING forever with Nautobot's own Kubernetes jobs."""
-    from k8s_celery.cluster import object_path
-
     shim = nautobot_site.start_shim()
     job = nautobot_site.enqueue("Sleeper", seconds=4)
     running = nautobot_site.job_result(job, states=("STARTED",), timeout=90)  # Nautobot shows it running
     assert running["date_started"] is not None
-    [pod] = wait_until(lambda: [p for p in pods_of(nautobot_site) if p["status"].get("phase") == "Running"] or None,
-                       message="the Job's pod running")
-    nautobot_site.cluster.api.delete(object_path("pods", nautobot_site.namespace, pod["metadata"]["name"]))
+    pod = running_pod(nautobot_site)
+    nautobot_site.cluster.kubelet.evict(nautobot_site.namespace, pod)
     result = nautobot_site.job_result(job, timeout=120)
     assert result["status"] == "SUCCESS" and result["result"] == "slept 4", result
-    assert result["worker"] != pod["metadata"]["name"]  # the second attempt's pod
-    assert "attempt 1 was lost" in shim.log()
+    assert result["worker"] != pod  # the second attempt's pod
+    assert "attempt 1 was lost" in shim.log() and "Evicted" in shim.log()
     # Both attempts logged their start into the same JobResult; the second one ended it.
     messages = [message for _, message, _ in nautobot_site.log_entries(job)]
     assert messages.count("sleeping 4 s") == 2 and messages[-1] == "Job completed", messages
+
+
+def test_a_job_cancelled_from_nautobot_has_its_kubernetes_job_deleted(nautobot_site):
+    """Nautobot's cancel asks the workers whether they hold the task (``query_task``), then
+    revokes it with ``terminate=True``: the shim answers as a prefork worker and deletes the Job."""
+    nautobot_site.start_shim()
+    job = nautobot_site.enqueue("Sleeper", seconds=300)
+    nautobot_site.job_result(job, states=("STARTED",), timeout=90)
+    running_pod(nautobot_site)
+    assert nautobot_site.cancel(job) == {"liveness": "RUNNING", "canceled": True, "error": None}
+    assert nautobot_site.job_result(job, timeout=60)["status"] == "REVOKED"
+    wait_until(lambda: not jobs_in(nautobot_site.cluster, nautobot_site.namespace), timeout=60,
+               message="the Kubernetes Job deleted")
+    assert nautobot_site.sql("SELECT cancel_type FROM extras_jobresult WHERE id = %s", (job,)) == [("terminated",)]
+    messages = [message for _, message, _ in nautobot_site.log_entries(job)]
+    assert f"Job {job} terminated by admin" in messages, messages
+
+
+def test_a_job_scheduled_in_nautobot_runs_in_a_pod_when_nautobots_beat_sends_it(nautobot_site):
+    nautobot_site.start_shim()
+    scheduled = nautobot_site.schedule("LogAndReturn", seconds=3, word="scheduled")
+    beat_log = nautobot_site.start_beat()
+    [(result_id,)] = wait_until(lambda: nautobot_site.sql(
+        "SELECT id FROM extras_jobresult WHERE scheduled_job_id = %s", (scheduled,)), timeout=90,
+        message=lambda: f"a JobResult of the scheduled Job:\n{beat_log.read_text(errors='replace')[-3000:]}")
+    result = nautobot_site.job_result(str(result_id))
+    assert result["status"] == "SUCCESS" and result["result"].startswith("returned scheduled from kc-"), result
+    assert "Scheduler: Sending due task LogAndReturn in 3 s" in beat_log.read_text(errors="replace")
+
+
+def running_pod(site) -> str:
+    """The name of the (only) running pod of the test's namespace."""
+    [pod] = wait_until(lambda: [p for p in pods_of(site) if p["status"].get("phase") == "Running"] or None,
+                       message="the Job's pod running")
+    return pod["metadata"]["name"]
