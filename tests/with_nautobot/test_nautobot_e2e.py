@@ -79,7 +79,8 @@ def test_a_job_whose_pod_is_evicted_runs_again_and_succeeds(nautobot_site):
     result = nautobot_site.job_result(job, timeout=120)
     assert result["status"] == "SUCCESS" and result["result"] == "slept 4", result
     assert result["worker"] != pod  # the second attempt's pod
-    assert "attempt 1 was lost" in shim.log() and "Evicted" in shim.log()
+    wait_until(lambda: "attempt 1 was lost (pod Evicted" in shim.log(), timeout=30,
+               message="the lost attempt's relayed output")  # written by the relay's own thread
     # Both attempts logged their start into the same JobResult; the second one ended it.
     messages = [message for _, message, _ in nautobot_site.log_entries(job)]
     assert messages.count("sleeping 4 s") == 2 and messages[-1] == "Job completed", messages
