@@ -21,6 +21,8 @@ from k8s_celery.testing import wait_until
 TESTS = Path(__file__).parent
 APPS = TESTS / "apps"
 IMAGE = "registry.local/taskapp:dev"
+#: The labels of a namespace that enforces Pod Security's "restricted" profile.
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
 
 
 @pytest.fixture(scope="session")

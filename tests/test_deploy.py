@@ -18,10 +18,11 @@ import pytest
 import urllib3
 import yaml
 
-from conftest import APPS, dump_json, run_check, scrape_settled
+from conftest import APPS, RESTRICTED, dump_json, run_check, scrape_settled
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.config import validate_job_manifest, validate_object
+from k8s_celery.manifest import ANNOTATION_TASK_ID
 from k8s_celery.testing import wait_for_condition, wait_until
 from k8s_celery.testing.binaries import go_module_dir, helm_binary
 from k8s_celery.testing.server import free_port
@@ -241,10 +242,14 @@ def installed_values(broker_url: str, metrics_port: int) -> dict:
 
 
 def test_installed_chart_runs_tasks_with_least_privilege(k8s_cluster, k8s_namespace, taskapp, broker_url):
+    """The chart in a namespace that enforces Pod Security "restricted": the API server admits
+    its worker pod and its task pods; a task's token reads no other task's payload."""
     port = free_port()
+    api = k8s_cluster.api
+    api.patch(object_path("namespaces", None, k8s_namespace), {"metadata": {"labels": RESTRICTED}},
+              strategy="merge-patch")
     objects = helm_template(installed_values(broker_url, port), namespace=k8s_namespace)
     kubectl_run(k8s_cluster, "apply", "-n", k8s_namespace, "-f", "-", stdin=to_yaml(objects))
-    api = k8s_cluster.api
 
     def worker_pod() -> dict | None:
         pods, _ = api.list(collection_path("pods", k8s_namespace),
@@ -256,8 +261,15 @@ def test_installed_chart_runs_tasks_with_least_privilege(k8s_cluster, k8s_namesp
         assert pod["spec"]["serviceAccountName"] == "tasks-k8s-celery"
         assert taskapp.add.delay(2, 3).get(timeout=120) == 5
         assert taskapp.add.delay(4, 5).get(timeout=60) == 9
-        answers = taskapp.api_access.delay().get(timeout=60)
-        assert answers == {"list pods": 403, "create jobs": 403}
+        other = taskapp.sleep.delay(10)  # another task, its payload Secret there while it runs
+        other_secret = wait_until(lambda: next(
+            (s["metadata"]["name"] for s in api.list(collection_path("secrets", k8s_namespace),
+                                                     label_selector="app.kubernetes.io/managed-by=k8s-celery")[0]
+             if s["metadata"]["annotations"].get(ANNOTATION_TASK_ID) == other.id), None),
+            message="the other task's payload Secret")
+        answers = taskapp.api_access.delay(other_secret).get(timeout=60)
+        assert answers == {"list pods": 403, "create jobs": 403, "get the other task's secret": 403,
+                           "list secrets": 403, "create a pod mounting it": 403}
 
         task_pods, _ = api.list(collection_path("pods", k8s_namespace),
                                 label_selector="app.kubernetes.io/managed-by=k8s-celery")
@@ -266,11 +278,12 @@ def test_installed_chart_runs_tasks_with_least_privilege(k8s_cluster, k8s_namesp
             assert task_pod["spec"]["securityContext"]["runAsUser"] == 1000
 
         # Waiting for the acks alone raced the clean-up: one slot was still held (in flight 1).
-        samples = scrape_settled(port, acks=3)
+        assert other.get(timeout=60) == 10
+        samples = scrape_settled(port, acks=4)
         add = (("queue", "kubernetes"), ("task", "taskapp.add"))
         assert samples[("k8s_celery_jobs_launched_total", add)] == 2
         assert samples[("k8s_celery_task_outcomes_total", tuple(sorted(add + (("outcome", "succeeded"),))))] == 2
-        assert samples[("k8s_celery_launch_seconds_count", ())] == 3
+        assert samples[("k8s_celery_launch_seconds_count", ())] == 4
         assert samples[("k8s_celery_jobs_in_flight", ())] == 0
         health = urllib3.PoolManager().request("GET", f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status == 200

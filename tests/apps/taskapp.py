@@ -253,9 +253,10 @@ def block_event_loop(state, seconds: float = 30.0):
 
 
 @app.task(name="taskapp.api_access")
-def api_access() -> dict:
-    """What this pod's own service-account token may do: the API's answer per request."""
-    from k8s_celery.cluster import ApiError, KubeApi, collection_path, load_configuration
+def api_access(other_secret: str | None = None) -> dict:
+    """What this pod's own service-account token may do: the API's answer per request.
+    ``other_secret``: another task's payload Secret, to read and to mount in a pod."""
+    from k8s_celery.cluster import ApiError, KubeApi, collection_path, load_configuration, object_path
     from k8s_celery.config import SERVICE_ACCOUNT_NAMESPACE
 
     api = KubeApi(load_configuration(in_cluster=True))
@@ -265,6 +266,15 @@ def api_access() -> dict:
                                           "containers": [{"name": "x", "image": "x"}]}}}}
     attempts = {"list pods": lambda: api.list(collection_path("pods", namespace)),
                 "create jobs": lambda: api.create(collection_path("jobs", namespace), job)}
+    if other_secret:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "steal"},
+               "spec": {"containers": [{"name": "x", "image": "x", "volumeMounts": [
+                            {"name": "loot", "mountPath": "/loot"}]}],
+                        "volumes": [{"name": "loot", "secret": {"secretName": other_secret}}]}}
+        attempts.update({"get the other task's secret": lambda: api.get(object_path("secrets", namespace,
+                                                                                     other_secret)),
+                         "list secrets": lambda: api.list(collection_path("secrets", namespace)),
+                         "create a pod mounting it": lambda: api.create(collection_path("pods", namespace), pod)})
     answers = {}
     for what, attempt in attempts.items():
         try:
