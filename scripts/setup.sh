@@ -11,8 +11,8 @@
 #    postgresql; for the real node containerd, runc, containernetworking-plugins, iptables,
 #    and what builds its images: mmdebstrap, buildah, gcc and libc6-dev.
 # 2. The virtualenv .venv with k8s-celery and its test extras.
-# 3. The local control plane (etcd, kube-apiserver, kube-controller-manager, kubectl, helm),
-#    built from the upstream Go modules once, cached in ~/.cache/k8s-celery.
+# 3. The local control plane (etcd, kube-apiserver, kube-controller-manager, kubectl, helm)
+#    and Kueue's manager, built from the upstream Go modules once, cached in ~/.cache/k8s-celery.
 # 4. When this machine can run a real node: its kubelet, kube-proxy and kube-scheduler, and
 #    the pod images (built here from Debian packages, PyPI and deploy/docker/Dockerfile).
 #
@@ -78,6 +78,7 @@ build() {  # build <what> <python module and arguments...>
     fi
 }
 build "the local control plane (about 5 minutes on 2 cores)" k8s_celery.testing.binaries || true
+build "Kueue's manager (about 4 minutes on 2 cores)" k8s_celery.testing.kueue || true
 if $real_node; then
     if unavailable="$(requirements --real-node 2>&1)"; then
         build "the real node's kubelet, kube-proxy and kube-scheduler (about 30 seconds)" \

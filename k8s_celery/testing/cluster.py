@@ -70,14 +70,15 @@ class LocalCluster:
     which :attr:`server` and every kubeconfig name. ``watch_cache=False``
     (the default) serves watches straight from etcd, so that etcd compaction makes
     an old resourceVersion answer 410 Gone as it would on a busy cluster.
-    ``audit_log=True`` records every request in :attr:`audit_log_path`.
+    ``audit_log=True`` records every request in :attr:`audit_log_path`. ``kueue=True``
+    runs Kueue's manager with its webhooks (:attr:`kueue`, :mod:`.kueue`).
     """
 
     def __init__(self, *, kubelet: bool = True, kubelet_options: dict | None = None,
                  bin_dir: str | Path | None = None, workdir: str | Path | None = None,
                  watch_cache: bool = False, audit_log: bool = False,
                  startup_timeout: float = 90.0, build: bool = True,
-                 node: str = "process", node_options: dict | None = None):
+                 node: str = "process", node_options: dict | None = None, kueue: bool = False):
         if node not in NODES:
             raise ValueError(f"node must be one of {NODES}, not {node!r}")
         if node == "real" and kubelet:
@@ -104,6 +105,7 @@ class LocalCluster:
             self.real_node = RealNode(self.workdir / "node", **{"build": build, **(node_options or {})})
             self.server = f"https://{self.real_node.node_address}:{self.port}"
         self.api: KubeApi | None = None
+        self.with_kueue, self.kueue, self._build = kueue, None, build
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -161,6 +163,10 @@ class LocalCluster:
             kubelet_api = KubeApi(load_configuration(str(self.kubeconfig), in_cluster=False),
                                   retry=RetryPolicy(attempts=60, initial_wait=0.1, max_wait=1.0))
             self.kubelet = ProcessKubelet(kubelet_api, self.workdir / "kubelet", **options).start()
+        if self.with_kueue:
+            from .kueue import Kueue
+
+            self.kueue = Kueue(self, build=self._build).start()
         self._started = True
         log.info("local cluster ready at %s in %.1fs", self.server, time.monotonic() - started)
 
@@ -173,7 +179,7 @@ class LocalCluster:
         if self.real_node:
             apiserver = self.processes.get("kube-apiserver")
             self.real_node.stop(self.api if apiserver and apiserver.alive else None)
-        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("kueue", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in self.processes:
                 self.processes[name].stop(timeout=3.0)
         if self.real_node:
@@ -264,10 +270,11 @@ class LocalCluster:
             time.sleep(0.1)
         raise ControlPlaneError(f"timed out after {self.startup_timeout}s waiting for {what}")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], **popen_options) -> ManagedProcess:
         process = ManagedProcess(name, argv, self.workdir / f"{name}.log")
         self.processes[name] = process
-        process.start()
+        process.start(**popen_options)
+        return process
 
     def _write_kubeconfig(self, path: Path, token: str, user: str, namespace: str = "default") -> Path:
         ca = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
