@@ -83,6 +83,7 @@ class Settings:
     kube_context: str | None = None
     app: str | None = None
     pending_timeout: float = 300.0
+    admission_timeout: float = 0.0  # 0: a Job may wait for admission (Kueue) as long as it takes
     terminating_timeout: float = 60.0
     max_lost_attempts: int = 3
     job_ttl: float = 3600.0
@@ -106,7 +107,7 @@ class Settings:
         return {
             "manifests_dir": str, "job_manifest": _optional_str, "namespace": _optional_str,
             "kubeconfig": _optional_str, "kube_context": _optional_str, "app": _optional_str,
-            "pending_timeout": _seconds, "terminating_timeout": _seconds, "max_lost_attempts": _count, "job_ttl": _seconds,
+            "pending_timeout": _seconds, "admission_timeout": _seconds, "terminating_timeout": _seconds, "max_lost_attempts": _count, "job_ttl": _seconds,
             "drain_timeout": _seconds, "runner_command": _command, "kubernetes_version": str,
             "watch_resync": _seconds, "launch_threads": _count, "sweep_interval": _seconds,
             "sweep_grace": _seconds, "api_qps": _seconds, "api_burst": _count,

@@ -93,7 +93,9 @@ class Delivery:
         self.job_uid: str | None = None
         self.job_uids: set[str] = set()   # every Job this delivery created, adopted or read
         self.bound_jobs: set[str] = set()  # Job names whose events reach this delivery
-        self.job_seen_at: float | None = None  # when a Job was created or adopted
+        self.job_seen_at: float | None = None  # when a Job was created, adopted or admitted
+        self.queued_since: float | None = None  # since when its Job waits suspended (Kueue's queue)
+        self.preempted_pods: set[str] = set()  # pods its Job had when it was suspended (preempted)
         self.secret_missing = False
         self.accepted = False
         self.pod_name: str | None = None

@@ -27,10 +27,14 @@ KEPT_METADATA = ("name", "uid", "creationTimestamp", "deletionTimestamp", "delet
 
 
 def slim_job(job: dict) -> dict:
-    """What the worker reads of a Job: identity and status conditions."""
+    """What the worker reads of a Job: identity, whether it is suspended (queued by Kueue,
+    or preempted), and status conditions."""
     status = job.get("status") or {}
-    return {"metadata": _metadata(job),
+    slim = {"metadata": _metadata(job),
             "status": {key: status[key] for key in ("conditions", "startTime") if key in status}}
+    if (job.get("spec") or {}).get("suspend"):
+        slim["spec"] = {"suspend": True}
+    return slim
 
 
 def slim_pod(pod: dict) -> dict:

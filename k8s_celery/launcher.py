@@ -74,6 +74,16 @@ class Launcher:
                                 label_selector=delivery_selector(delivery.key))
         return sorted(jobs, key=attempt_of)
 
+    def current_job(self, delivery: Delivery) -> dict | None:
+        """The delivery's Job as the API server has it now (``None``: gone or replaced)."""
+        try:
+            job = self.api.get(object_path("jobs", self.namespace, delivery.job_name))
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+        return job if job["metadata"]["uid"] == delivery.job_uid else None
+
     def latest_pod(self, job: dict) -> dict | None:
         pods, _ = self.api.list(collection_path("pods", self.namespace),
                                 label_selector=f"{CONTROLLER_UID_LABEL}={job['metadata']['uid']}")

@@ -142,6 +142,26 @@ def job_condition(job: dict) -> dict | None:
     return None
 
 
+def job_suspended(job: dict | None) -> bool:
+    """Is the Job suspended: waiting for admission (Kueue), or preempted and waiting to
+    be admitted again? Its pods are gone or going; none is started until it is resumed."""
+    return bool(((job or {}).get("spec") or {}).get("suspend"))
+
+
+def preempted(job: dict | None, pod: dict | None, preempted_pods: set[str]) -> bool:
+    """Was ``pod`` stopped by its Job's suspension (Kueue's preemption) rather than lost? A pod
+    that reported no outcome and that the Job had when it was seen suspended, or that was
+    created before the Job was last resumed: its end may be seen after the resumption."""
+    if pod is None or pod_outcome(pod) is not None:
+        return False
+    if pod["metadata"].get("uid") in preempted_pods:
+        return True
+    resumed = next((c.get("lastTransitionTime") for c in (job or {}).get("status", {}).get("conditions") or []
+                    if c.get("type") == "Suspended" and c.get("status") == "False"), None)
+    created = pod["metadata"].get("creationTimestamp")
+    return bool(resumed and created and created < resumed)
+
+
 def job_finished(job: dict) -> bool:
     """Has the Job ended or begun to (``FailureTarget``/``SuccessCriteriaMet``: the Job
     controller is removing its pods)? Such a Job is never adopted as running."""
@@ -237,8 +257,10 @@ def classify(job: dict | None, pod: dict | None, job_deleted: bool = False) -> O
     """Decide the attempt's outcome from its Job and pod, or ``None`` if it is not over.
 
     A pod's own outcome wins (it is what the task reported). A Job past its
-    ``activeDeadlineSeconds`` (or a pod past its own) is the hard time limit. A task
-    container that ended without an outcome, a failed or deleted Job: the pod was lost.
+    ``activeDeadlineSeconds`` (or a pod past its own) is the hard time limit. A pod that
+    ended without an outcome while its Job is suspended was preempted, not lost: the Job
+    runs again when it is resumed. A task container that ended without an outcome, a
+    failed or deleted Job: the pod was lost.
     """
     reported = pod_outcome(pod) if pod else None
     if reported:
@@ -249,6 +271,8 @@ def classify(job: dict | None, pod: dict | None, job_deleted: bool = False) -> O
     if pod and (pod.get("status") or {}).get("reason") == "DeadlineExceeded":
         return Outcome(TIME_LIMIT, reason=(pod.get("status") or {}).get("message", "DeadlineExceeded"))
     condition = job_condition(job) if job else None
+    if job_suspended(job) and not (condition or job_deleted):
+        return None  # preempted (or queued): the same Job gets a new pod once it is resumed
     if condition or job_deleted or task_terminated(pod):
         reason = lost_reason(pod)
         completed = bool(condition and condition["type"] == "Complete")

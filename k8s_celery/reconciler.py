@@ -125,6 +125,10 @@ class Reconciler:
     def _observe(self, delivery: Delivery) -> None:
         job, job_deleted = self.cache.job(delivery.job_uid)
         pod = self.cache.latest_pod(delivery.job_uid)
+        if pod is not None and outcomes.job_suspended(job):
+            delivery.preempted_pods.add(pod["metadata"]["uid"])
+        if outcomes.preempted(job, pod, delivery.preempted_pods):
+            pod = None  # its end comes after the Job's resumption: the task runs again in a new pod
         if job is None and not job_deleted:
             job_deleted = self._unseen_job_is_gone(delivery)
         if pod is not None:
@@ -138,15 +142,19 @@ class Reconciler:
             self._retry_secret(delivery, job)
         result = outcomes.classify(job, pod, job_deleted)
         if result is None:
-            self._check_clocks(delivery, pod)
+            self._check_clocks(delivery, job, pod)
             return
         if result.state == outcomes.LOST and not result.job_completed and not delivery.lost_confirmed:
             # The Job watch can report the end before the pod watch brings the pod's last
-            # status: read the pod itself before calling the attempt lost.
+            # status, and the pod watch a preempted pod's end before the Job watch brings
+            # its suspension: read both before calling the attempt lost.
             delivery.lost_confirmed = True
-            latest = self._read_pod(delivery)
+            latest_job, latest = self._read_now(delivery)
+            if latest_job is not None:
+                self.cache.put_job(latest_job)
             if latest is not None:
                 self.cache.put_pod(latest)
+            if latest is not None or latest_job is not None:
                 self.enqueue(delivery.key)
                 return
         self._end(delivery, self._resolve(delivery, result))
@@ -173,8 +181,10 @@ class Reconciler:
         except (QuotaExceeded, ApiError) as exc:
             log.warning("payload Secret of Job %s still missing: %s", delivery.job_name, exc)
 
-    def _check_clocks(self, delivery: Delivery, pod: dict | None) -> None:
+    def _check_clocks(self, delivery: Delivery, job: dict | None, pod: dict | None) -> None:
         now = time.monotonic()
+        if self._queued(delivery, job, now):
+            return
         if not delivery.accepted and delivery.job_seen_at is not None \
                 and now - delivery.job_seen_at > self.settings.pending_timeout:
             reason = self.post_mortem.explain(
@@ -190,12 +200,36 @@ class Reconciler:
                       "period (its node may be lost)")
             self._end(delivery, outcomes.Outcome(outcomes.LOST, reason=reason))
 
-    def _read_pod(self, delivery: Delivery) -> dict | None:
+    def _queued(self, delivery: Delivery, job: dict | None, now: float) -> bool:
+        """Is the Job waiting suspended for admission (Kueue)? Then no pending timeout runs,
+        only ``K8S_CELERY_ADMISSION_TIMEOUT`` if set; the pending timeout starts at admission."""
+        if not outcomes.job_suspended(job):
+            if delivery.queued_since is not None:
+                delivery.queued_since, delivery.job_seen_at = None, now
+                log.info("task %s[%s]: Job %s admitted", delivery.spec.name, delivery.task_id, delivery.job_name)
+            return False
+        if delivery.queued_since is None:
+            delivery.queued_since, delivery.lost_confirmed = now, False  # a preemption: confirm again
+            log.info("task %s[%s]: Job %s suspended, waiting to be admitted", delivery.spec.name,
+                     delivery.task_id, delivery.job_name)
+        waited, limit = now - delivery.queued_since, self.settings.admission_timeout
+        if limit and waited > limit:
+            reason = self.post_mortem.explain(delivery, outcomes.Outcome(
+                PENDING_TIMEOUT, reason=f"Job {delivery.job_name} not admitted (still suspended) after {waited:.0f}s"
+                                        " (K8S_CELERY_ADMISSION_TIMEOUT)")).reason
+            log.error("task %s[%s]: %s; deleting the Job", delivery.spec.name, delivery.task_id, reason)
+            self._delete_job(delivery.job_name, delivery.job_uid)
+            self._end(delivery, outcomes.Outcome(PENDING_TIMEOUT, reason=reason))
+        return True
+
+    def _read_now(self, delivery: Delivery) -> tuple[dict | None, dict | None]:
+        """The delivery's Job and its newest pod as the API server has them now."""
         try:
-            return self.launcher.latest_pod({"metadata": {"uid": delivery.job_uid}})
+            return (self.launcher.current_job(delivery),
+                    self.launcher.latest_pod({"metadata": {"uid": delivery.job_uid}}))
         except ApiError as exc:
-            log.warning("cannot read the pod of Job %s: %s", delivery.job_name, exc)
-            return None
+            log.warning("cannot read Job %s or its pod: %s", delivery.job_name, exc)
+            return None, None
 
     def _resolve(self, delivery: Delivery, result: outcomes.Outcome) -> outcomes.Outcome:
         """A completed Job whose pod is gone: the result backend says what the task did."""

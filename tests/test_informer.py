@@ -62,3 +62,12 @@ def test_tombstones_are_pruned():
     now[0] = 1000.0
     cache.prune(older_than=600)
     assert cache.job("uid-a") == (None, False) and cache.latest_pod("uid-a") is None
+
+
+def test_the_cache_keeps_whether_a_job_is_suspended_and_nothing_else_of_its_spec():
+    from k8s_celery.informer import slim_job
+
+    suspended = job("a", "uid-a")
+    suspended["spec"]["suspend"] = True
+    assert slim_job(suspended)["spec"] == {"suspend": True}
+    assert "spec" not in slim_job(job("b", "uid-b"))

@@ -131,3 +131,33 @@ def test_a_result_backend_that_cannot_answer_reads_as_nothing_stored(caplog):
     assert not caplog.records
     assert o.stored_meta(Unreachable(), "t-1", logging.getLogger("k8s_celery.pool")) == {}
     assert "cannot read the state of t-1 from the result backend: Error 111" in caplog.text
+
+
+def test_a_pod_that_ends_while_its_job_is_suspended_was_preempted_not_lost():
+    suspended = {"spec": {"suspend": True}, "status": {}}
+    sigtermed = pod("Failed", reason="Error")
+    assert o.classify(suspended, sigtermed) is None  # Kueue resumes the Job with a new pod
+    assert o.classify(suspended, None) is None       # queued, no pod yet
+    reported = o.encode(o.Outcome(o.SUCCESS, result="3"))
+    assert o.classify(suspended, pod("Succeeded", reported)).result == "3"  # it ended first: its outcome
+    assert o.classify(suspended, sigtermed, job_deleted=True).state == o.LOST
+    failed = {"spec": {"suspend": True}, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    assert o.classify(failed, sigtermed).state == o.LOST
+    assert o.job_suspended(suspended) and not o.job_suspended({"spec": {}}) and not o.job_suspended(None)
+
+
+def test_a_pod_stopped_by_its_jobs_suspension_is_preempted_even_when_its_end_is_seen_after_the_resume():
+    old = pod("Failed", reason="Error")
+    old["metadata"].update(uid="old", creationTimestamp="2026-12-05T03:07:01Z")
+    resumed = {"status": {"conditions": [{"type": "Suspended", "status": "False",
+                                          "lastTransitionTime": "2026-12-05T03:07:04Z"}]}}
+    assert o.preempted(resumed, old, set())                  # created before the last resume
+    assert o.preempted({"status": {}}, old, {"old"})         # seen when its Job was suspended
+    assert not o.preempted({"status": {}}, old, set())       # never suspended: lost
+    new = pod("Failed", reason="Error")
+    new["metadata"].update(uid="new", creationTimestamp="2026-12-05T03:07:05Z")
+    assert not o.preempted(resumed, new, {"old"})            # the resumed run's own end
+    finished = pod("Succeeded", o.encode(o.Outcome(o.SUCCESS, result="1")))
+    finished["metadata"].update(uid="old", creationTimestamp="2026-12-05T03:07:01Z")
+    assert not o.preempted(resumed, finished, {"old"})       # it reported: its outcome stands
+    assert not o.preempted(resumed, None, set())

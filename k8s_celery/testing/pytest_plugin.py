@@ -40,6 +40,16 @@ def k8s_cluster():
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def k8s_kueue_cluster():
+    """A second LocalCluster running Kueue's manager and webhooks (``kueue=True``), shared by
+    the session: Kueue's webhook sees every Job created, so the others' cluster stays without it."""
+    from .cluster import LocalCluster
+
+    with LocalCluster(kueue=True) as cluster:
+        yield cluster
+
+
 def namespace_name(request) -> str:
     """A fresh namespace name derived from the test's name."""
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")

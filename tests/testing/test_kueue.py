@@ -7,18 +7,11 @@ import pytest
 
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.testing import wait_until
-from k8s_celery.testing.cluster import LocalCluster
 from k8s_celery.testing.kueue import served_webhooks
 
 pytestmark = pytest.mark.cluster
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-
-@pytest.fixture(scope="module")
-def kueue_cluster():
-    with LocalCluster(kueue=True) as cluster:
-        yield cluster
 
 
 def queued_job(name: str, queue: str, seconds: int) -> dict:
@@ -39,9 +32,9 @@ def test_only_the_webhooks_the_manager_serves_are_registered():
     assert [webhook["name"] for webhook in served_webhooks(configuration)] == ["mjob", "mclusterqueue"]
 
 
-def test_the_webhook_suspends_labelled_jobs_and_the_quota_admits_two_of_three(kueue_cluster):
-    api, kueue = kueue_cluster.api, kueue_cluster.kueue
-    namespace = kueue_cluster.create_namespace("quota")
+def test_the_webhook_suspends_labelled_jobs_and_the_quota_admits_two_of_three(k8s_kueue_cluster):
+    api, kueue = k8s_kueue_cluster.api, k8s_kueue_cluster.kueue
+    namespace = k8s_kueue_cluster.create_namespace("quota")
     kueue.create("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}})
     kueue.create("clusterqueues", {"kind": "ClusterQueue", "metadata": {"name": "two-cpus"}, "spec": {
         "namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu"], "flavors": [
