@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import jobs_in, shims_started, write_manifest
-from k8s_celery.cluster import ApiError, collection_path
+from k8s_celery.cluster import collection_path
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.pytest_plugin import namespace_name
 
@@ -29,14 +29,9 @@ def queues(cluster, namespace: str, cpus: int) -> None:
     """A ClusterQueue of ``cpus`` CPUs that preempts lower priorities, and the namespace's
     LocalQueue ``tasks`` in it."""
     kueue = cluster.kueue
-    for kind, obj in (("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}}),
-                      ("workloadpriorityclasses", {"kind": "WorkloadPriorityClass", "metadata": {"name": "high"},
-                                                   "value": 1000})):
-        try:
-            kueue.create(kind, obj)
-        except ApiError as exc:
-            if exc.status != 409:
-                raise
+    kueue.create("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}}, exist_ok=True)
+    kueue.create("workloadpriorityclasses", {"kind": "WorkloadPriorityClass", "metadata": {"name": "high"},
+                                             "value": 1000}, exist_ok=True)
     kueue.create("clusterqueues", {"kind": "ClusterQueue", "metadata": {"name": namespace}, "spec": {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
         "preemption": {"withinClusterQueue": "LowerPriority"},

@@ -148,10 +148,16 @@ class Kueue:
         """The Workloads Kueue made in ``namespace``."""
         return self.cluster.api.list(f"{API}/namespaces/{namespace}/workloads")[0]
 
-    def create(self, kind: str, obj: dict, namespace: str | None = None) -> dict:
-        """Create one of Kueue's objects (``clusterqueues``, ``localqueues``, ``resourceflavors``…)."""
+    def create(self, kind: str, obj: dict, namespace: str | None = None, exist_ok: bool = False) -> dict | None:
+        """Create one of Kueue's objects (``clusterqueues``, ``localqueues``, ``resourceflavors``…);
+        with ``exist_ok``, one that is there already (a cluster-wide flavor, say) is left as it is."""
         scope = f"/namespaces/{namespace}" if namespace else ""
-        return self.cluster.api.create(f"{API}{scope}/{kind}", {"apiVersion": "kueue.x-k8s.io/v1beta2", **obj})
+        try:
+            return self.cluster.api.create(f"{API}{scope}/{kind}", {"apiVersion": "kueue.x-k8s.io/v1beta2", **obj})
+        except ApiError as exc:
+            if exist_ok and exc.status == 409:
+                return None
+            raise
 
 
 def _listening(port: int) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.kueue import served_webhooks
+from k8s_celery.testing.pytest_plugin import namespace_name
 
 pytestmark = pytest.mark.cluster
 
@@ -32,15 +33,15 @@ def test_only_the_webhooks_the_manager_serves_are_registered():
     assert [webhook["name"] for webhook in served_webhooks(configuration)] == ["mjob", "mclusterqueue"]
 
 
-def test_the_webhook_suspends_labelled_jobs_and_the_quota_admits_two_of_three(k8s_kueue_cluster):
+def test_the_webhook_suspends_labelled_jobs_and_the_quota_admits_two_of_three(k8s_kueue_cluster, request):
     api, kueue = k8s_kueue_cluster.api, k8s_kueue_cluster.kueue
-    namespace = k8s_kueue_cluster.create_namespace("quota")
-    kueue.create("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}})
-    kueue.create("clusterqueues", {"kind": "ClusterQueue", "metadata": {"name": "two-cpus"}, "spec": {
+    namespace = k8s_kueue_cluster.create_namespace(namespace_name(request))
+    kueue.create("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}}, exist_ok=True)
+    kueue.create("clusterqueues", {"kind": "ClusterQueue", "metadata": {"name": namespace}, "spec": {
         "namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu"], "flavors": [
             {"name": "default", "resources": [{"name": "cpu", "nominalQuota": "2"}]}]}]}})
     kueue.create("localqueues", {"kind": "LocalQueue", "metadata": {"name": "tasks"},
-                                 "spec": {"clusterQueue": "two-cpus"}}, namespace=namespace)
+                                 "spec": {"clusterQueue": namespace}}, namespace=namespace)
     created = [api.create(collection_path("jobs", namespace), queued_job(f"job-{i}", "tasks", 3)) for i in range(3)]
     assert all(job["spec"]["suspend"] is True for job in created)  # the mutating webhook, at admission
 
