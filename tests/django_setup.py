@@ -132,9 +132,16 @@ class DjangoSetup:
 
     def close(self, failed: bool = False) -> None:
         """Stop every process, print their logs if the test failed, drop the database."""
-        stop_all(self.shims, self.processes, failed)
-        try:
-            self.postgres.drop_database(self.db)
-        except Exception as exc:
-            print(f"cannot drop database {self.db}: {exc}")
-        restore_environment(self._saved_env)
+        close_deployment(self, failed)
+
+
+def close_deployment(setup, failed: bool) -> None:
+    """End a test deployment on its own PostgreSQL database (Django's, Nautobot's): stop its
+    shims and processes (their logs printed if the test failed), drop the database, and put
+    the environment variables it set back."""
+    stop_all(setup.shims, setup.processes, failed)
+    try:
+        setup.postgres.drop_database(setup.db)
+    except Exception as exc:
+        print(f"cannot drop database {setup.db}: {exc}")
+    restore_environment(setup._saved_env)

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 
-from conftest import Shim, deployment_manifest, stop_all
+from conftest import Shim, deployment_manifest
+from django_setup import close_deployment
 from k8s_celery.testing import wait_until
 from k8s_celery.testing.binaries import cache_root
 from k8s_celery.testing.postgres import SUPERUSER
-from rabbit_setup import restore_environment
 
 HERE = Path(__file__).parent
 VERSION = importlib.metadata.version("nautobot")
@@ -190,9 +190,4 @@ class NautobotSetup:
 
     def close(self, failed: bool = False) -> None:
         """Stop every process, print their logs if the test failed, drop the database."""
-        stop_all(self.shims, self.processes, failed)
-        try:
-            self.postgres.drop_database(self.db)
-        except Exception as exc:
-            print(f"cannot drop database {self.db}: {exc}")
-        restore_environment(self._saved_env)
+        close_deployment(self, failed)
