@@ -73,8 +73,7 @@ def test_flower_shows_and_controls_the_shim(start_shim, taskapp, flower, k8s_clu
     failed = wait_until(lambda: (lambda t: t if t.get("state") == "FAILURE" else None)(info(bad.id)),
                         message="failure in flower")
     assert "ValueError" in failed["exception"] and "raise ValueError" in failed["traceback"]
-    tasks = get_json(http, f"{base}/api/tasks")
-    assert retried.id in tasks
+    wait_until(lambda: retried.id in get_json(http, f"{base}/api/tasks"), message="the retried task in flower")
 
     running = taskapp.sleep.delay(60)
     wait_until(lambda: info(running.id).get("state") == "STARTED", timeout=60, message="started in flower")
