@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Callable
 
+from . import kueue
 from .cluster import KubeApi, collection_path, load_configuration
 from .config import ManifestStore, Settings
 from .errors import ConfigError
@@ -24,7 +25,13 @@ REQUIRED_ACCESS = (
     ("", "pods/log", "get", "relay a task pod's output into the worker's log"),
     ("", "events", "list", "say what Kubernetes reported about a pod that never ran or was lost"),
     ("", "secrets", "create", "hand each task's payload to its pod"),
+    ("kueue.x-k8s.io", "localqueues", "get", "check that a queue's LocalQueue exists (only under Kueue)"),
+    ("kueue.x-k8s.io", "workloads", "list", "see why Kueue holds a task's Job (only under Kueue)"),
+    ("kueue.x-k8s.io", "workloads", "watch", "see at once a Workload Kueue deactivated (only under Kueue)"),
 )
+
+
+KUEUE_RESOURCES = {resource for group, resource, _, _ in REQUIRED_ACCESS if group == kueue.GROUP}
 
 
 def allowed(api: KubeApi, namespace: str, group: str, resource: str, verb: str) -> bool:
@@ -83,9 +90,35 @@ def run_checks(app_name: str, queues: list[str], settings: Settings, out=print) 
         api_holder.append(api)
         return f"{api.host}, Kubernetes {version.get('gitVersion')}"
     if attempt("API server", connect):
-        for what, allowed, why in access_checks(api_holder[0], namespace):
+        api = api_holder[0]
+        for what, allowed, why in access_checks(api, namespace):
+            if not allowed and what.split()[-1] in KUEUE_RESOURCES and kueue.workloads_path(api, namespace) is None:
+                report(True, f"may not {what} in namespace {namespace}", "needed only under Kueue, "
+                                                                           "which this cluster does not run")
+                continue
             report(allowed, f"may {what} in namespace {namespace}", why if allowed else f"missing; needed to {why}")
+        for queue in queues:
+            name = local_queue_name(manifests, queue)
+            if name:
+                attempt(f"LocalQueue {name} of queue {queue}", lambda queue=queue: local_queue(
+                    api, namespace, manifests.load(queue)))
     return ok
+
+
+def local_queue_name(manifests: ManifestStore, queue: str) -> str | None:
+    """The Kueue LocalQueue a queue's Jobs name (``None``: none, or no valid manifest)."""
+    try:
+        labels = manifests.load(queue).get("metadata", {}).get("labels") or {}
+    except ConfigError:
+        return None
+    return labels.get(kueue.QUEUE_LABEL)
+
+
+def local_queue(api: KubeApi, namespace: str, manifest: dict) -> str:
+    problem = kueue.local_queue_problem(api, namespace, manifest)
+    if problem:
+        raise ConfigError(problem)
+    return f"exists in namespace {namespace}"
 
 
 def main(argv: list[str]) -> int:

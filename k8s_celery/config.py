@@ -242,6 +242,10 @@ def validate_job_manifest(manifest: dict, source: str, kubernetes_version: str) 
                             f"{manifest.get('apiVersion')!r}, {manifest.get('kind')!r}",
                             source=source, field="kind")
     validate_object(manifest, source, kubernetes_version)
+    if (manifest.get("spec") or {}).get("suspend"):
+        raise ManifestError("a suspended Job would never run its task: under Kueue, label the Job "
+                            "kueue.x-k8s.io/queue-name and Kueue's webhook suspends it until admission",
+                            source=source, field="spec.suspend")
     containers = manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []
     if not containers:
         raise ManifestError("the pod template needs at least one container", source=source,

@@ -96,6 +96,7 @@ class Delivery:
         self.job_seen_at: float | None = None  # when a Job was created, adopted or admitted
         self.queued_since: float | None = None  # since when its Job waits suspended (Kueue's queue)
         self.preempted_pods: set[str] = set()  # pods its Job had when it was suspended (preempted)
+        self.admission_note: str | None = None  # what Kueue last said of why it is not admitted
         self.secret_missing = False
         self.accepted = False
         self.pod_name: str | None = None
@@ -132,7 +133,9 @@ class Delivery:
         self._on_terminate(self, signal)
 
     def info(self) -> dict:
-        if self.phase is Phase.TRACKING:
+        if self.queued_since is not None:
+            phase = "Suspended"  # its Job waits in Kueue's queue, admitted or not yet
+        elif self.phase is Phase.TRACKING:
             phase = self.pod_phase or Phase.TRACKING.value
         else:
             phase = self.phase.value

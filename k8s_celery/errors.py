@@ -30,6 +30,10 @@ class PayloadTooLarge(TaskLaunchError):
     """The task's payload does not fit in a Kubernetes Secret (1 MiB)."""
 
 
+class WorkloadDeactivated(TaskLaunchError):
+    """Kueue deactivated the task's Workload: its Job will not be admitted again."""
+
+
 class PodPendingTimeout(K8sCeleryError):
     """The task's pod never started running; carries the pod's reason."""
 

@@ -165,7 +165,7 @@ class Reporter:
             request.error(exception_info(Terminated(delivery.terminate_signal or signals.SIGTERM)))
         elif state == PENDING_TIMEOUT:
             self.counters["failed"] += 1
-            request.error(exception_info(PodPendingTimeout(
+            request.error(exception_info(error or PodPendingTimeout(
                 f"pod of Job {delivery.job_name} did not start within "
                 f"{self.settings.pending_timeout:.0f}s: {result.reason}")))
         elif state == LAUNCH_FAILED:

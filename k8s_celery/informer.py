@@ -16,8 +16,9 @@ import time
 from typing import Callable
 
 from .cluster import KubeApi, collection_path
-from .watch import Watcher
+from .kueue import slim_workload
 from .manifest import MANAGED_SELECTOR
+from .watch import Watcher
 
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 #: How long the last state of a deleted object is remembered.
@@ -84,6 +85,7 @@ class ObjectCache:
         self._pods: dict[str, dict] = {}                     # uid -> slim pod (live or deleted)
         self._deleted_pods: dict[str, float] = {}            # uid -> when deleted
         self._pods_by_job: dict[str, set[str]] = {}          # Job uid -> pod uids
+        self._workloads: dict[str, dict] = {}                # Job uid -> slim Kueue Workload
 
     # -- reads -------------------------------------------------------------------------
 
@@ -101,6 +103,11 @@ class ObjectCache:
         with self._lock:
             pods = [self._pods[uid] for uid in self._pods_by_job.get(job_uid, ()) if uid in self._pods]
         return max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), default=None)
+
+    def workload(self, job_uid: str) -> dict | None:
+        """The Kueue Workload of a Job (:func:`~k8s_celery.kueue.slim_workload`), if any."""
+        with self._lock:
+            return self._workloads.get(job_uid)
 
     def pod_deleted(self, uid: str) -> bool:
         with self._lock:
@@ -158,6 +165,24 @@ class ObjectCache:
             self.put_pod(pod)
         return {job_name_of(pod) for pod in pods} | {slim["metadata"]["jobName"] for slim in gone}
 
+    def put_workload(self, workload: dict, deleted: bool = False) -> str | None:
+        """Keep (or forget) a Workload under its Job's uid; returns the Job's name."""
+        slim = slim_workload(workload)
+        if not slim["jobUid"]:
+            return None
+        with self._lock:
+            if deleted:
+                self._workloads.pop(slim["jobUid"], None)
+            else:
+                self._workloads[slim["jobUid"]] = slim
+        return slim["jobName"]
+
+    def replace_workloads(self, workloads: list[dict]) -> set[str]:
+        """A fresh list of Workloads; returns the names of their Jobs."""
+        with self._lock:
+            self._workloads.clear()
+        return {name for name in map(self.put_workload, workloads) if name}
+
     def prune(self, older_than: float = TOMBSTONE_TTL) -> None:
         """Forget deleted objects after a while, and the pods of forgotten Jobs."""
         cutoff = self._clock() - older_than
@@ -175,10 +200,11 @@ class ObjectCache:
 
 
 class Informer:
-    """Watches the namespace's managed Jobs and pods into an :class:`ObjectCache`."""
+    """Watches the namespace's managed Jobs and pods into an :class:`ObjectCache`, and
+    Kueue's Workloads when ``workloads_path`` names them."""
 
     def __init__(self, api: KubeApi, namespace: str, on_change: Callable[[str], None],
-                 resync_period: float = 300.0):
+                 resync_period: float = 300.0, workloads_path: str | None = None):
         self.cache = ObjectCache()
         self.on_change = on_change
         self._watchers = [
@@ -189,6 +215,9 @@ class Informer:
                     label_selector=MANAGED_SELECTOR, resync_period=resync_period,
                     name="k8s-celery pod watch"),
         ]
+        if workloads_path:  # Kueue's Workloads carry no label of ours: the whole namespace
+            self._watchers.append(Watcher(api, workloads_path, self._on_workload_event, self._on_workload_sync,
+                                          resync_period=resync_period, name="k8s-celery Kueue workload watch"))
 
     def start(self) -> Informer:
         for watcher in self._watchers:
@@ -224,3 +253,12 @@ class Informer:
         for name in self.cache.replace_pods(pods):
             if name:
                 self.on_change(name)
+
+    def _on_workload_event(self, event_type: str, workload: dict) -> None:
+        name = self.cache.put_workload(workload, deleted=event_type == "DELETED")
+        if name:
+            self.on_change(name)
+
+    def _on_workload_sync(self, workloads: list[dict]) -> None:
+        for name in self.cache.replace_workloads(workloads):
+            self.on_change(name)

@@ -45,10 +45,15 @@ SECRET_LIMIT = 1024 * 1024
 
 #: What a task may override in its pod (declared in code: ``@app.task(kubernetes={...})``).
 TASK_OVERRIDE_KEYS = frozenset({"resources", "nodeSelector", "tolerations", "env", "affinity",
-                                "annotations", "labels", "priorityClassName"})
+                                "annotations", "labels", "priorityClassName", "queueName",
+                                "workloadPriorityClass"})
+#: Task options that go on the Job for Kueue: its LocalQueue and its WorkloadPriorityClass.
+KUEUE_JOB_LABELS = {"queueName": "kueue.x-k8s.io/queue-name",
+                    "workloadPriorityClass": "kueue.x-k8s.io/priority-class"}
 
 _NOT_DNS = re.compile(r"[^a-z0-9-]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 
 
 def task_hash(task_id: str) -> str:
@@ -209,6 +214,9 @@ def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None
                                       "secret": {"secretName": spec.secret_name or spec.job_name,
                                                  "defaultMode": 0o440}}]
     apply_task_overrides(pod, spec.overrides)
+    for option, label in KUEUE_JOB_LABELS.items():
+        if option in spec.overrides:
+            metadata["labels"][label] = spec.overrides[option]
     return job
 
 
@@ -231,6 +239,11 @@ def apply_task_overrides(pod_template: dict, overrides: dict) -> None:
     if unknown:
         raise TaskLaunchError(f"unknown pod override(s) {sorted(unknown)} on the task; "
                               f"allowed: {sorted(TASK_OVERRIDE_KEYS)}")
+    for option in KUEUE_JOB_LABELS:
+        value = overrides.get(option)
+        if option in overrides and not (isinstance(value, str) and _LABEL_VALUE.fullmatch(value)):
+            raise TaskLaunchError(f"task option kubernetes={{'{option}': {value!r}}}: Kueue reads it from a "
+                                  "label, so it must be a label value (at most 63 letters, digits, '-', '_', '.')")
     pod_spec = pod_template["spec"]
     container = pod_spec["containers"][0]
     if "resources" in overrides:
@@ -258,7 +271,8 @@ def task_overrides(task: Any) -> dict:
     overrides = getattr(task, "kubernetes", None) or {}
     if not isinstance(overrides, dict):
         raise TaskLaunchError(f"task {getattr(task, 'name', task)}: the kubernetes option must be a dict")
-    aliases = {"node_selector": "nodeSelector", "priority_class_name": "priorityClassName"}
+    aliases = {"node_selector": "nodeSelector", "priority_class_name": "priorityClassName",
+               "queue_name": "queueName", "workload_priority_class": "workloadPriorityClass"}
     return {aliases.get(key, key): value for key, value in overrides.items()}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from celery.concurrency.base import BasePool
 
-from . import health, metrics
+from . import health, kueue, metrics
 from .brokers import Broker, for_app
 from .cluster import KubeApi, RateLimiter, load_configuration
 from .config import ManifestStore, Settings
@@ -95,6 +95,7 @@ class KubernetesPool(BasePool):
             metrics.serve(self.settings.metrics_port, self.liveness)
         self._wire()
         self.post_mortem.check_access()
+        kueue.warn_of_local_queues(self.api, self.namespace, {q: self.manifests.load(q) for q in queues})
         self.informer.start()
         if not self.informer.wait_synced(60):
             raise ConfigError(f"cannot list Jobs/Pods in namespace {self.namespace} at {self.api.host}: "
@@ -106,7 +107,8 @@ class KubernetesPool(BasePool):
 
     def _wire(self) -> None:
         self.queue = WorkQueue(self._reconcile, workers=self.settings.launch_threads)
-        self.informer = Informer(self.api, self.namespace, self._on_job_change, self.settings.watch_resync)
+        self.informer = Informer(self.api, self.namespace, self._on_job_change, self.settings.watch_resync,
+                                 workloads_path=kueue.watched_workloads(self.api, self.namespace))
         launcher = Launcher(self.api, self.namespace, self.settings, self.manifests, self.app,
                             self.app_name, self.counters)
         self.post_mortem = PostMortem(self.api, self.namespace, self.settings, self.informer.cache)
@@ -248,6 +250,7 @@ class KubernetesPool(BasePool):
             "max-concurrency": self.table.limit,
             "in-flight": self.table.slots_used,
             "queued": self.table.waiting,
+            "suspended": sum(1 for d in deliveries if d.queued_since is not None),
             "namespace": self.namespace,
             "jobs": [d.info() for d in deliveries],
             "processes": [d.pod_name for d in deliveries if d.pod_name],

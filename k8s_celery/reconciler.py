@@ -22,6 +22,7 @@ from .deliveries import Delivery, DeliveryTable, Phase
 from .errors import ConfigError, TaskLaunchError
 from .hub import LAUNCH_FAILED, PENDING_TIMEOUT, REQUEUE, TERMINATED, LoopBridge, Reporter
 from .informer import ObjectCache
+from .kueue import Admission, task_error
 from .launcher import Launcher, QuotaExceeded
 from .manifest import delivery_selector
 from .postmortem import PostMortem
@@ -51,6 +52,7 @@ class Reconciler:
         self.enqueue_after = enqueue_after
         self.on_slot_freed = on_slot_freed
         self.post_mortem = post_mortem
+        self.admission = Admission(cache.workload, settings.admission_timeout)
 
     def reconcile(self, key: str) -> None:
         delivery = self.table.get(key)
@@ -183,8 +185,16 @@ class Reconciler:
 
     def _check_clocks(self, delivery: Delivery, job: dict | None, pod: dict | None) -> None:
         now = time.monotonic()
-        if self._queued(delivery, job, now):
+        if outcomes.job_suspended(job):
+            result = self.admission.waiting(delivery, now)
+            if result is not None:
+                result = self.post_mortem.explain(delivery, result)
+                log.error("task %s[%s]: %s; deleting Job %s", delivery.spec.name, delivery.task_id,
+                          result.reason, delivery.job_name)
+                self._delete_job(delivery.job_name, delivery.job_uid)
+                self._end(delivery, result, error=task_error(result))
             return
+        self.admission.admitted(delivery, now)
         if not delivery.accepted and delivery.job_seen_at is not None \
                 and now - delivery.job_seen_at > self.settings.pending_timeout:
             reason = self.post_mortem.explain(
@@ -199,28 +209,6 @@ class Reconciler:
             reason = (f"pod {delivery.pod_name} still terminating {overdue:.0f}s after its grace "
                       "period (its node may be lost)")
             self._end(delivery, outcomes.Outcome(outcomes.LOST, reason=reason))
-
-    def _queued(self, delivery: Delivery, job: dict | None, now: float) -> bool:
-        """Is the Job waiting suspended for admission (Kueue)? Then no pending timeout runs,
-        only ``K8S_CELERY_ADMISSION_TIMEOUT`` if set; the pending timeout starts at admission."""
-        if not outcomes.job_suspended(job):
-            if delivery.queued_since is not None:
-                delivery.queued_since, delivery.job_seen_at = None, now
-                log.info("task %s[%s]: Job %s admitted", delivery.spec.name, delivery.task_id, delivery.job_name)
-            return False
-        if delivery.queued_since is None:
-            delivery.queued_since, delivery.lost_confirmed = now, False  # a preemption: confirm again
-            log.info("task %s[%s]: Job %s suspended, waiting to be admitted", delivery.spec.name,
-                     delivery.task_id, delivery.job_name)
-        waited, limit = now - delivery.queued_since, self.settings.admission_timeout
-        if limit and waited > limit:
-            reason = self.post_mortem.explain(delivery, outcomes.Outcome(
-                PENDING_TIMEOUT, reason=f"Job {delivery.job_name} not admitted (still suspended) after {waited:.0f}s"
-                                        " (K8S_CELERY_ADMISSION_TIMEOUT)")).reason
-            log.error("task %s[%s]: %s; deleting the Job", delivery.spec.name, delivery.task_id, reason)
-            self._delete_job(delivery.job_name, delivery.job_uid)
-            self._end(delivery, outcomes.Outcome(PENDING_TIMEOUT, reason=reason))
-        return True
 
     def _read_now(self, delivery: Delivery) -> tuple[dict | None, dict | None]:
         """The delivery's Job and its newest pod as the API server has them now."""

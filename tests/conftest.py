@@ -45,12 +45,13 @@ def taskapp(broker_url, redis_server):
 
 
 def write_manifest(directory: Path, queue: str, broker_url: str, image: str = IMAGE,
-                   extra_env: list | None = None, sidecars: list | None = None, **pod_spec) -> Path:
+                   extra_env: list | None = None, sidecars: list | None = None,
+                   job_labels: dict | None = None, **pod_spec) -> Path:
     """A queue's Job manifest running the test app; ``sidecars`` are more containers
     after the task's (later in the list, whatever their names)."""
     manifest = {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"labels": {"app": "taskapp"}},
+        "metadata": {"labels": {"app": "taskapp", **(job_labels or {})}},
         "spec": {"template": {"spec": {
             "containers": [{
                 "name": "task", "image": image,

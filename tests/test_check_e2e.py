@@ -50,3 +50,19 @@ def test_check_names_the_missing_verb(k8s_cluster, k8s_namespace, tmp_path):
     failures = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
     assert failures == [f"FAIL  may delete jobs in namespace {k8s_namespace}: missing; needed to "
                         "remove finished Jobs, terminate revoked tasks"]
+
+
+def test_kueue_access_is_not_needed_where_kueue_does_not_run_but_a_local_queue_label_fails(
+        k8s_cluster, k8s_namespace, tmp_path):
+    grant(k8s_cluster, k8s_namespace, "no-kueue", skip=("watch", "workloads"))
+    done = check(k8s_cluster, k8s_namespace, tmp_path, "no-kueue")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (f"PASS  may not watch workloads in namespace {k8s_namespace}: needed only under Kueue, "
+            "which this cluster does not run") in done.stdout.splitlines()
+    labelled = write_manifest(tmp_path / "labelled", "kubernetes", "redis://broker:6379/0",
+                              job_labels={"kueue.x-k8s.io/queue-name": "tasks"})
+    done = run_check(k8s_cluster, k8s_namespace, "no-kueue", labelled.parent.parent, tmp_path)
+    assert done.returncode == 1
+    assert [line for line in done.stdout.splitlines() if line.startswith("FAIL")] == [
+        "FAIL  LocalQueue tasks of queue kubernetes: the Jobs name LocalQueue tasks, but this cluster does "
+        "not run Kueue: they would run unqueued"]

@@ -87,6 +87,8 @@ def test_missing_manifest_names_the_expected_path(tmp_path):
     (json.dumps({**JOB, "spec": {"template": {"spec": {"containers": [{"name": "t", "image": "i",
                                                                         "resources": {"limits": {"cpu": []}}}]}}}}),
      "spec.template.spec.containers.0.resources.limits.cpu", "[]"),
+    (json.dumps({**JOB, "spec": {"suspend": True, "template": {"spec": {"containers": [{"name": "t", "image": "i"}]}}}}),
+     "spec.suspend", "a suspended Job would never run its task: under Kueue, label the Job kueue.x-k8s.io/queue-name"),
 ])
 def test_invalid_manifests_say_file_field_and_reason(tmp_path, text, field, reason):
     (tmp_path / "q").mkdir()

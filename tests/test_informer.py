@@ -71,3 +71,18 @@ def test_the_cache_keeps_whether_a_job_is_suspended_and_nothing_else_of_its_spec
     suspended["spec"]["suspend"] = True
     assert slim_job(suspended)["spec"] == {"suspend": True}
     assert "spec" not in slim_job(job("b", "uid-b"))
+
+
+def test_kueue_workloads_are_kept_under_their_jobs_uid_and_a_relist_replaces_them():
+    from test_kueue_admission import workload
+
+    cache = ObjectCache()
+    assert cache.put_workload(workload()) == "kc-1"
+    assert cache.workload("j-1")["name"] == "job-kc-1-abcde"
+    orphan = {"metadata": {"name": "w", "uid": "w-2"}, "spec": {}}  # a Workload of no Job (a bare pod group)
+    assert cache.put_workload(orphan) is None
+    assert cache.replace_workloads([]) == set() and cache.workload("j-1") is None
+    assert cache.replace_workloads([workload(active=False)]) == {"kc-1"}
+    assert cache.workload("j-1")["active"] is False
+    cache.put_workload(workload(), deleted=True)
+    assert cache.workload("j-1") is None

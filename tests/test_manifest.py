@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +13,7 @@ from k8s_celery.config import validate_object
 from k8s_celery.errors import PayloadTooLarge, TaskLaunchError
 from k8s_celery.manifest import (ANNOTATION_TASK_ID, LABEL_DELIVERY, LABEL_TASK_HASH, MANAGED_BY, PAYLOAD_KEY,
                                  TaskSpec, build_job, build_secret, job_name, label_value,
-                                 payload_secret_name, task_hash)
+                                 payload_secret_name, task_hash, task_overrides)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 TEMPLATE = {"apiVersion": "batch/v1", "kind": "Job",
@@ -113,4 +114,21 @@ def test_task_overrides_merge_onto_the_pod():
 def test_unknown_override_is_refused():
     with pytest.raises(TaskLaunchError, match="hostNetwork"):
         build_job(TEMPLATE, spec(overrides={"hostNetwork": True}), "ns", app="p", runner_command=["r"],
+                  ttl_seconds=None)
+
+
+def test_kueue_options_label_the_job_not_the_pod():
+    overrides = {"queueName": "gpu", "workloadPriorityClass": "urgent"}
+    job = build_job(TEMPLATE, spec(overrides=overrides), "ns", app="p", runner_command=["r"], ttl_seconds=None)
+    labels = job["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu" and labels["kueue.x-k8s.io/priority-class"] == "urgent"
+    assert not any(key.startswith("kueue.x-k8s.io/") for key in job["spec"]["template"]["metadata"]["labels"])
+    declared = SimpleNamespace(name="t", kubernetes={"queue_name": "gpu", "workload_priority_class": "urgent"})
+    assert task_overrides(declared) == overrides
+
+
+@pytest.mark.parametrize("value", ["", "two words", "x" * 64, 3, None])
+def test_a_kueue_option_that_is_not_a_label_value_is_refused(value):
+    with pytest.raises(TaskLaunchError, match="queueName.*label value"):
+        build_job(TEMPLATE, spec(overrides={"queueName": value}), "ns", app="p", runner_command=["r"],
                   ttl_seconds=None)

@@ -211,6 +211,18 @@ def resources():
     return os.environ.get("TASK_FLAVOUR")
 
 
+@app.task(name="taskapp.urgent", kubernetes={"workloadPriorityClass": "high"})
+def urgent(key):
+    """Counted as ``count`` is; its Job asks Kueue for the WorkloadPriorityClass ``high``."""
+    return store().incr(f"runs:{key}")
+
+
+@app.task(name="taskapp.misqueued", kubernetes={"queue_name": "no-such-queue"})
+def misqueued():
+    """Its Job names a LocalQueue that does not exist."""
+    return "never runs"
+
+
 @app.task(name="taskapp.local_add")
 def local_add(x, y):
     return x + y
