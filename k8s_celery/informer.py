@@ -17,7 +17,7 @@ from typing import Callable
 
 from .cluster import KubeApi, collection_path
 from .kueue import slim_workload
-from .manifest import MANAGED_SELECTOR
+from .manifest import ANNOTATION_KEEP_UNTIL, LABEL_DELIVERY, MANAGED_SELECTOR
 from .watch import Watcher
 
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
@@ -28,13 +28,21 @@ KEPT_METADATA = ("name", "uid", "creationTimestamp", "deletionTimestamp", "delet
 
 
 def slim_job(job: dict) -> dict:
-    """What the worker reads of a Job: identity, whether it is suspended (queued by Kueue,
-    or preempted), and status conditions."""
-    status = job.get("status") or {}
+    """What the worker reads of a Job: identity, its delivery, whether it is suspended
+    (queued by Kueue, or preempted) or kept for a post-mortem, and status conditions."""
+    status, spec = job.get("status") or {}, job.get("spec") or {}
+    metadata = job.get("metadata") or {}
     slim = {"metadata": _metadata(job),
             "status": {key: status[key] for key in ("conditions", "startTime") if key in status}}
-    if (job.get("spec") or {}).get("suspend"):
-        slim["spec"] = {"suspend": True}
+    delivery = (metadata.get("labels") or {}).get(LABEL_DELIVERY)
+    if delivery:
+        slim["metadata"]["labels"] = {LABEL_DELIVERY: delivery}
+    keep_until = (metadata.get("annotations") or {}).get(ANNOTATION_KEEP_UNTIL)
+    if keep_until:
+        slim["metadata"]["annotations"] = {ANNOTATION_KEEP_UNTIL: keep_until}
+    kept_spec = {key: spec[key] for key in ("suspend", "ttlSecondsAfterFinished") if spec.get(key)}
+    if kept_spec:
+        slim["spec"] = kept_spec
     return slim
 
 
@@ -112,6 +120,12 @@ class ObjectCache:
     def pod_deleted(self, uid: str) -> bool:
         with self._lock:
             return uid in self._deleted_pods
+
+    def jobs_of_delivery(self, delivery: str) -> list[dict]:
+        """The live Jobs (every attempt) labelled with ``delivery``'s key."""
+        with self._lock:
+            return [job for job in self._jobs.values()
+                    if job["metadata"].get("labels", {}).get(LABEL_DELIVERY) == delivery]
 
     def job_uids(self) -> list[str]:
         with self._lock:

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Callable
 
 from . import outcome as outcomes
-from .cluster import ApiError, KubeApi, collection_path, object_path
+from .cluster import ApiError, KubeApi, object_path
 from .config import Settings
 from .deliveries import Delivery, DeliveryTable, Phase
 from .errors import ConfigError, TaskLaunchError
@@ -24,7 +24,6 @@ from .hub import LAUNCH_FAILED, PENDING_TIMEOUT, REQUEUE, TERMINATED, LoopBridge
 from .informer import ObjectCache
 from .kueue import Admission, task_error
 from .launcher import Launcher, QuotaExceeded
-from .manifest import delivery_selector
 from .postmortem import PostMortem
 
 log = logging.getLogger("k8s_celery.pool")
@@ -293,27 +292,26 @@ class Reconciler:
     def _clean_up(self, delivery: Delivery) -> None:
         """Delete the delivery's Jobs (their pods and Secrets go with them), free its slot.
 
-        Every Job of the delivery is listed: a redelivery may have adopted a later
-        attempt created by a worker that died. A running Job of the same delivery that
-        this one never tracked belongs to a concurrent delivery and stays, and so
-        does a Job kept for a post-mortem (the sweeper or its TTL removes it).
+        Every Job of the delivery in the informer's cache is looked at: a redelivery may
+        have adopted a later attempt created by a worker that died. A running Job of the
+        same delivery that this one never tracked belongs to a concurrent delivery and
+        stays, and so does a Job kept for a post-mortem (the sweeper or its TTL removes
+        it). Jobs that fail to go are removed by their TTL.
         """
         if not delivery.reported or not self.post_mortem.read_over(delivery):
             return  # the ack and the log read each enqueue the delivery again
-        try:
-            jobs = []
-            if delivery.job_uids:
-                jobs, _ = self.api.list(collection_path("jobs", self.namespace),
-                                        label_selector=delivery_selector(delivery.key))
-            for job in jobs:
-                uid = job["metadata"]["uid"]
-                requeued = uid in self.launcher.requeued_jobs  # an earlier attempt, ended
-                if self.post_mortem.keep_reported(delivery, job, requeued):
-                    continue
-                if uid in delivery.job_uids or requeued or outcomes.job_condition(job) is not None:
-                    self._delete_job(job["metadata"]["name"], uid)
-        except ApiError as exc:  # the TTL controller removes them later
-            log.warning("cannot clean up the Jobs of %s[%s]: %s", delivery.spec.name, delivery.task_id, exc)
+        jobs = self.cache.jobs_of_delivery(delivery.key) if delivery.job_uids else []
+        if delivery.job_uid and not any(job["metadata"]["uid"] == delivery.job_uid for job in jobs) \
+                and self.cache.job(delivery.job_uid) == (None, False):
+            # Created or read a moment ago, not seen by the watch yet: it goes all the same.
+            jobs.append({"metadata": {"name": delivery.job_name, "uid": delivery.job_uid}})
+        for job in jobs:
+            uid = job["metadata"]["uid"]
+            requeued = uid in self.launcher.requeued_jobs  # an earlier attempt, ended
+            if self.post_mortem.keep_reported(delivery, job, requeued):
+                continue
+            if uid in delivery.job_uids or requeued or outcomes.job_condition(job) is not None:
+                self._delete_job(job["metadata"]["name"], uid)
         if self.table.remove(delivery):
             self.on_slot_freed()
 
