@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from . import kueue
-from .cluster import KubeApi, collection_path, load_configuration
+from .cluster import ApiError, KubeApi, collection_path, load_configuration
 from .config import ManifestStore, Settings
 from .errors import ConfigError
 
@@ -91,8 +91,12 @@ def run_checks(app_name: str, queues: list[str], settings: Settings, out=print) 
         return f"{api.host}, Kubernetes {version.get('gitVersion')}"
     if attempt("API server", connect):
         api = api_holder[0]
+        try:
+            runs_kueue = kueue.workloads_path(api, namespace) is not None
+        except ApiError:  # cannot tell: Kueue's verbs count as needed
+            runs_kueue = True
         for what, allowed, why in access_checks(api, namespace):
-            if not allowed and what.split()[-1] in KUEUE_RESOURCES and kueue.workloads_path(api, namespace) is None:
+            if not allowed and what.split()[-1] in KUEUE_RESOURCES and not runs_kueue:
                 report(True, f"may not {what} in namespace {namespace}", "needed only under Kueue, "
                                                                            "which this cluster does not run")
                 continue

@@ -214,9 +214,7 @@ def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None
                                       "secret": {"secretName": spec.secret_name or spec.job_name,
                                                  "defaultMode": 0o440}}]
     apply_task_overrides(pod, spec.overrides)
-    for option, label in KUEUE_JOB_LABELS.items():
-        if option in spec.overrides:
-            metadata["labels"][label] = spec.overrides[option]
+    metadata["labels"].update(kueue_labels(spec.overrides))
     return job
 
 
@@ -239,11 +237,6 @@ def apply_task_overrides(pod_template: dict, overrides: dict) -> None:
     if unknown:
         raise TaskLaunchError(f"unknown pod override(s) {sorted(unknown)} on the task; "
                               f"allowed: {sorted(TASK_OVERRIDE_KEYS)}")
-    for option in KUEUE_JOB_LABELS:
-        value = overrides.get(option)
-        if option in overrides and not (isinstance(value, str) and _LABEL_VALUE.fullmatch(value)):
-            raise TaskLaunchError(f"task option kubernetes={{'{option}': {value!r}}}: Kueue reads it from a "
-                                  "label, so it must be a label value (at most 63 letters, digits, '-', '_', '.')")
     pod_spec = pod_template["spec"]
     container = pod_spec["containers"][0]
     if "resources" in overrides:
@@ -264,6 +257,20 @@ def apply_task_overrides(pod_template: dict, overrides: dict) -> None:
     for key in ("labels", "annotations"):
         if key in overrides:
             meta[key] = {**overrides[key], **(meta.get(key) or {})}  # ours win
+
+
+def kueue_labels(overrides: dict) -> dict[str, str]:
+    """The Job labels Kueue reads, from a task's ``queueName``/``workloadPriorityClass`` options."""
+    labels = {}
+    for option, label in KUEUE_JOB_LABELS.items():
+        if option not in overrides:
+            continue
+        value = overrides[option]
+        if not (isinstance(value, str) and _LABEL_VALUE.fullmatch(value)):
+            raise TaskLaunchError(f"task option kubernetes={{'{option}': {value!r}}}: Kueue reads it from a "
+                                  "label, so it must be a label value (at most 63 letters, digits, '-', '_', '.')")
+        labels[label] = value
+    return labels
 
 
 def task_overrides(task: Any) -> dict:

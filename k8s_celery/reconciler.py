@@ -301,8 +301,7 @@ class Reconciler:
         if not delivery.reported or not self.post_mortem.read_over(delivery):
             return  # the ack and the log read each enqueue the delivery again
         jobs = self.cache.jobs_of_delivery(delivery.key) if delivery.job_uids else []
-        if delivery.job_uid and not any(job["metadata"]["uid"] == delivery.job_uid for job in jobs) \
-                and self.cache.job(delivery.job_uid) == (None, False):
+        if delivery.job_uid and self.cache.job(delivery.job_uid) == (None, False):
             # Created or read a moment ago, not seen by the watch yet: it goes all the same.
             jobs.append({"metadata": {"name": delivery.job_name, "uid": delivery.job_uid}})
         for job in jobs:
