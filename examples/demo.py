@@ -36,10 +36,7 @@ def on_real_node(cluster, redis_server, manifest: dict) -> str:
     print(f"image {image.name} ready in {time.monotonic() - started:.0f}s")
     address = cluster.real_node.node_address  # pods reach this machine there, not on loopback
     redis_server.client().config_set("bind", f"127.0.0.1 {address}")
-    pod_spec = manifest["spec"]["template"]["spec"]
-    pod_spec["containers"][0].update(image=image.name, imagePullPolicy="Never")
-    # The image runs as uid 1000: the payload Secret (mode 0440) must be group-readable.
-    pod_spec["securityContext"] = {"fsGroup": 1000}
+    manifest["spec"]["template"]["spec"]["containers"][0].update(image=image.name, imagePullPolicy="Never")
     return f"redis://{address}:{redis_server.port}/0"
 
 
@@ -63,6 +60,11 @@ def main(argv: list[str]) -> int:
                             {"name": "CELERY_RESULT_BACKEND", "value": pod_broker}]
         if not real_node:  # the process kubelet runs the app from this checkout
             container["env"].append({"name": "PYTHONPATH", "value": str(HERE / "app")})
+            # Its "image" is this machine's filesystem, whose /tmp holds the cluster: the
+            # scratch emptyDir goes elsewhere so that it does not hide it.
+            for mount in container.get("volumeMounts", []):
+                if mount["mountPath"] == "/tmp":
+                    mount["mountPath"] = "/var/tmp/k8s-celery-scratch"
         (work / "manifests" / "kubernetes").mkdir(parents=True)
         (work / "manifests" / "kubernetes" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
 

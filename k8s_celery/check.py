@@ -1,4 +1,5 @@
-"""``k8s-celery check``: is this worker able to run? Each check prints PASS or FAIL."""
+"""``k8s-celery check``: is this worker able to run? Each check prints PASS or FAIL, and WARN
+for what does not stop the worker but an operator should know (a namespace without Pod Security)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from typing import Callable
 
 from . import kueue
-from .cluster import ApiError, KubeApi, collection_path, load_configuration
+from .cluster import ApiError, KubeApi, collection_path, load_configuration, object_path
 from .config import ManifestStore, Settings
 from .errors import ConfigError
 
@@ -33,6 +34,9 @@ REQUIRED_ACCESS = (
 
 KUEUE_RESOURCES = {resource for group, resource, _, _ in REQUIRED_ACCESS if group == kueue.GROUP}
 
+#: The namespace label that makes the API server enforce a Pod Security level on its pods.
+POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
+
 
 def allowed(api: KubeApi, namespace: str, group: str, resource: str, verb: str) -> bool:
     """Ask the API server (SelfSubjectAccessReview) whether this identity may ``verb``
@@ -56,10 +60,11 @@ def access_checks(api: KubeApi, namespace: str) -> list[tuple[str, bool, str]]:
 def run_checks(app_name: str, queues: list[str], settings: Settings, out=print) -> bool:
     ok = True
 
-    def report(passed: bool, what: str, detail: str = "") -> None:
+    def report(passed: bool, what: str, detail: str = "", warning: bool = False) -> None:
         nonlocal ok
         ok = ok and passed
-        out(f"{'PASS' if passed else 'FAIL'}  {what}{': ' + detail if detail else ''}")
+        verdict = "WARN" if warning else "PASS" if passed else "FAIL"
+        out(f"{verdict}  {what}{': ' + detail if detail else ''}")
 
     def attempt(what: str, fn: Callable[[], str]) -> bool:
         try:
@@ -101,12 +106,30 @@ def run_checks(app_name: str, queues: list[str], settings: Settings, out=print) 
                                                                            "which this cluster does not run")
                 continue
             report(allowed, f"may {what} in namespace {namespace}", why if allowed else f"missing; needed to {why}")
+        level, detail = pod_security(api, namespace)
+        report(True, f"Pod Security of namespace {namespace}", detail, warning=level is None)
         for queue in queues:
             name = local_queue_name(manifests, queue)
             if name:
                 attempt(f"LocalQueue {name} of queue {queue}", lambda queue=queue: local_queue(
                     api, namespace, manifests.load(queue)))
     return ok
+
+
+def pod_security(api: KubeApi, namespace: str) -> tuple[str | None, str]:
+    """The Pod Security level the API server enforces on the namespace's pods, and what to say
+    about it; ``None`` when it enforces none or this identity may not read the namespace."""
+    try:
+        labels = api.get(object_path("namespaces", None, namespace))["metadata"].get("labels") or {}
+    except ApiError as exc:
+        return None, (f"cannot read the namespace's labels ({exc.status} {exc.reason}): whether the API "
+                      f"server enforces a Pod Security level on task pods is unknown")
+    level = labels.get(POD_SECURITY_ENFORCE)
+    if not level:
+        return None, (f"no {POD_SECURITY_ENFORCE} label: task pods get the cluster's default level "
+                      f"(privileged unless configured); label the namespace "
+                      f"{POD_SECURITY_ENFORCE}=restricted, which the chart's pods meet")
+    return level, f"{POD_SECURITY_ENFORCE}={level}"
 
 
 def local_queue_name(manifests: ManifestStore, queue: str) -> str | None:

@@ -329,6 +329,8 @@ def collection_path(kind: str, namespace: str | None = None) -> str:
     group = {"jobs": "/apis/batch/v1", "deployments": "/apis/apps/v1", "leases": "/apis/coordination.k8s.io/v1",
              "roles": "/apis/rbac.authorization.k8s.io/v1",
              "rolebindings": "/apis/rbac.authorization.k8s.io/v1",
+             "clusterroles": "/apis/rbac.authorization.k8s.io/v1",
+             "clusterrolebindings": "/apis/rbac.authorization.k8s.io/v1",
              "selfsubjectaccessreviews": "/apis/authorization.k8s.io/v1",
              }.get(kind, "/api/v1")
     if namespace:

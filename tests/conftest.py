@@ -218,6 +218,19 @@ def jobs_in(cluster, namespace: str) -> list[dict]:
     return jobs
 
 
+def payload_secret_of(cluster, namespace: str, task_id: str, timeout: float = 30) -> str:
+    """The name of a task's payload Secret, once the worker has created it."""
+    from k8s_celery.cluster import collection_path
+    from k8s_celery.manifest import ANNOTATION_TASK_ID, MANAGED_SELECTOR
+    from k8s_celery.testing import wait_until
+
+    def created() -> str | None:
+        secrets, _ = cluster.api.list(collection_path("secrets", namespace), label_selector=MANAGED_SELECTOR)
+        return next((s["metadata"]["name"] for s in secrets
+                     if s["metadata"]["annotations"].get(ANNOTATION_TASK_ID) == task_id), None)
+    return wait_until(created, timeout=timeout, message=f"the payload Secret of task {task_id}")
+
+
 def live_jobs(cluster, namespace: str) -> list[dict]:
     """The worker's Jobs but those kept for a post-mortem (a failed or lost attempt's)."""
     from k8s_celery.postmortem import kept

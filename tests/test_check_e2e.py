@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from conftest import run_check, write_manifest
+from conftest import RESTRICTED, run_check, write_manifest
 from k8s_celery.check import REQUIRED_ACCESS
-from k8s_celery.cluster import collection_path
+from k8s_celery.cluster import collection_path, object_path
 
 pytestmark = pytest.mark.cluster
 
@@ -41,6 +41,9 @@ def test_check_passes_with_every_verb(k8s_cluster, k8s_namespace, tmp_path):
     done = check(k8s_cluster, k8s_namespace, tmp_path, "shim")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("PASS") == 3 + len(REQUIRED_ACCESS) and "FAIL" not in done.stdout
+    # The chart's Role is namespaced: it cannot read its Namespace's labels, and check says so.
+    assert f"WARN  Pod Security of namespace {k8s_namespace}: cannot read the namespace's labels (403 Forbidden): " \
+           "whether the API server enforces a Pod Security level on task pods is unknown" in done.stdout.splitlines()
 
 
 def test_check_names_the_missing_verb(k8s_cluster, k8s_namespace, tmp_path):
@@ -66,3 +69,34 @@ def test_kueue_access_is_not_needed_where_kueue_does_not_run_but_a_local_queue_l
     assert [line for line in done.stdout.splitlines() if line.startswith("FAIL")] == [
         "FAIL  LocalQueue tasks of queue kubernetes: the Jobs name LocalQueue tasks, but this cluster does "
         "not run Kueue: they would run unqueued"]
+
+
+def test_check_warns_of_a_namespace_without_pod_security(k8s_cluster, k8s_namespace, tmp_path):
+    grant(k8s_cluster, k8s_namespace, "reader")
+    api = k8s_cluster.api
+    name = f"read-{k8s_namespace}"
+    api.create(collection_path("clusterroles"), {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+        "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"],
+                   "resourceNames": [k8s_namespace]}]})
+    api.create(collection_path("clusterrolebindings"), {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": k8s_namespace}]})
+    try:
+        done = check(k8s_cluster, k8s_namespace, tmp_path, "reader")
+        assert done.returncode == 0, done.stdout + done.stderr  # a warning does not fail the check
+        assert (f"WARN  Pod Security of namespace {k8s_namespace}: no pod-security.kubernetes.io/enforce label: "
+                "task pods get the cluster's default level (privileged unless configured); label the namespace "
+                "pod-security.kubernetes.io/enforce=restricted, which the chart's pods meet") in done.stdout.splitlines()
+
+        api.patch(object_path("namespaces", None, k8s_namespace), {"metadata": {"labels": RESTRICTED}},
+                  strategy="merge-patch")
+        done = check(k8s_cluster, k8s_namespace, tmp_path, "reader")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "WARN" not in done.stdout
+        assert (f"PASS  Pod Security of namespace {k8s_namespace}: pod-security.kubernetes.io/enforce=restricted"
+                in done.stdout.splitlines())
+    finally:
+        api.delete(object_path("clusterrolebindings", None, name))
+        api.delete(object_path("clusterroles", None, name))

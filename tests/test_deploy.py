@@ -18,11 +18,10 @@ import pytest
 import urllib3
 import yaml
 
-from conftest import APPS, RESTRICTED, dump_json, run_check, scrape_settled
+from conftest import APPS, RESTRICTED, dump_json, payload_secret_of, run_check, scrape_settled
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.config import validate_job_manifest, validate_object
-from k8s_celery.manifest import ANNOTATION_TASK_ID
 from k8s_celery.testing import wait_for_condition, wait_until
 from k8s_celery.testing.binaries import go_module_dir, helm_binary
 from k8s_celery.testing.server import free_port
@@ -262,11 +261,7 @@ def test_installed_chart_runs_tasks_with_least_privilege(k8s_cluster, k8s_namesp
         assert taskapp.add.delay(2, 3).get(timeout=120) == 5
         assert taskapp.add.delay(4, 5).get(timeout=60) == 9
         other = taskapp.sleep.delay(10)  # another task, its payload Secret there while it runs
-        other_secret = wait_until(lambda: next(
-            (s["metadata"]["name"] for s in api.list(collection_path("secrets", k8s_namespace),
-                                                     label_selector="app.kubernetes.io/managed-by=k8s-celery")[0]
-             if s["metadata"]["annotations"].get(ANNOTATION_TASK_ID) == other.id), None),
-            message="the other task's payload Secret")
+        other_secret = payload_secret_of(k8s_cluster, k8s_namespace, other.id)
         answers = taskapp.api_access.delay(other_secret).get(timeout=60)
         assert answers == {"list pods": 403, "create jobs": 403, "get the other task's secret": 403,
                            "list secrets": 403, "create a pod mounting it": 403}

@@ -1,7 +1,8 @@
 """The Helm chart installed on the real node with the image built from the project's
-Dockerfile: the worker runs as a real container (uid 1000, read-only root filesystem)
-under the chart's ServiceAccount, reaches the API server through the `kubernetes`
-Service (in-cluster config, kube-proxy), and runs tasks as Jobs."""
+Dockerfile, in a namespace that enforces Pod Security "restricted": the worker runs as a
+real container (uid 1000, read-only root filesystem) under the chart's ServiceAccount,
+reaches the API server through the `kubernetes` Service (in-cluster config, kube-proxy),
+and runs tasks as Jobs whose pods' token reads no other task's payload."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import pytest
 import urllib3
 
+from conftest import RESTRICTED, payload_secret_of
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.testing import wait_until
 from test_deploy import helm_template, kubectl_run, to_yaml
@@ -39,9 +41,11 @@ def exec_in(cluster, namespace: str, pod: str, code: str) -> str:
 
 def test_installed_chart_runs_the_worker_in_a_real_container(real_cluster, real_namespace, taskapp,
                                                               taskapp_image, pod_broker_url):
+    api = real_cluster.api
+    api.patch(object_path("namespaces", None, real_namespace), {"metadata": {"labels": RESTRICTED}},
+              strategy="merge-patch")
     objects = helm_template(chart_values(taskapp_image.name, pod_broker_url), namespace=real_namespace)
     kubectl_run(real_cluster, "apply", "-n", real_namespace, "-f", "-", stdin=to_yaml(objects))
-    api = real_cluster.api
 
     def ready_worker() -> dict | None:
         pods, _ = api.list(collection_path("pods", real_namespace), label_selector="app.kubernetes.io/component=worker")
@@ -66,7 +70,12 @@ def test_installed_chart_runs_the_worker_in_a_real_container(real_cluster, real_
 
         assert taskapp.add.delay(2, 3).get(timeout=120) == 5
         assert taskapp.add.delay(4, 5).get(timeout=60) == 9
-        assert taskapp.api_access.delay().get(timeout=60) == {"list pods": 403, "create jobs": 403}
+        other = taskapp.sleep.delay(10)  # another task, its payload Secret there while it runs
+        other_secret = payload_secret_of(real_cluster, real_namespace, other.id)
+        assert taskapp.api_access.delay(other_secret).get(timeout=60) == {
+            "list pods": 403, "create jobs": 403, "get the other task's secret": 403, "list secrets": 403,
+            "create a pod mounting it": 403}
+        assert other.get(timeout=60) == 10
 
         jobs, _ = api.list(collection_path("jobs", real_namespace), label_selector="app.kubernetes.io/component=task")
         for job in jobs:  # those not yet deleted after their ack
