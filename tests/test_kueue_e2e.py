@@ -51,7 +51,7 @@ def queues(cluster, namespace: str, cpus: int) -> None:
 @pytest.fixture
 def start_queued_shim(k8s_kueue_cluster, kueue_namespace, tmp_path, broker_url, taskapp, request):
     """Start `k8s-celery worker`s whose Jobs (1 CPU each) go to Kueue's LocalQueue ``tasks``;
-    ``job_labels`` adds labels to the queue's Jobs."""
+    ``job_labels`` adds labels to the queue's Jobs, ``pod_spec`` fields to their pods."""
     directory = tmp_path / "queued-manifests"
     path = write_manifest(directory, "kubernetes", broker_url, job_labels={QUEUE_LABEL: "tasks"})
     manifest = yaml.safe_load(path.read_text())
@@ -59,10 +59,10 @@ def start_queued_shim(k8s_kueue_cluster, kueue_namespace, tmp_path, broker_url, 
     path.write_text(yaml.safe_dump(manifest))
     with shims_started(k8s_kueue_cluster, kueue_namespace, directory, tmp_path, broker_url, taskapp,
                        request) as start:
-        def start_queued(job_labels: dict | None = None, **options):
-            if job_labels:
-                manifest["metadata"]["labels"].update(job_labels)
-                path.write_text(yaml.safe_dump(manifest))
+        def start_queued(job_labels: dict | None = None, pod_spec: dict | None = None, **options):
+            manifest["metadata"]["labels"].update(job_labels or {})
+            manifest["spec"]["template"]["spec"].update(pod_spec or {})
+            path.write_text(yaml.safe_dump(manifest))
             return start(**options)
         yield start_queued
 
@@ -146,6 +146,29 @@ def test_a_task_whose_workload_kueue_deactivates_fails_with_kueues_reason(
                message=lambda: f"the message acked and the Job deleted; last: {settled.last}")
     assert runs(taskapp, "overtime") == 0
     assert "was lost" not in shim.log() and "requeueing" not in shim.log()
+
+
+def test_a_task_whose_pod_is_never_ready_fails_when_kueue_deactivates_it_at_its_requeue_limit(
+        start_queued_shim, taskapp, k8s_kueue_cluster, kueue_namespace):
+    """Kueue (waitForPodsReady: 15 s, backoffLimitCount 1) evicts an admitted Workload whose
+    pod is not ready in time and queues it again; the second time, it deactivates it. Each
+    eviction suspends the same Job, which the worker follows; the deactivation fails the task."""
+    queues(k8s_kueue_cluster, kueue_namespace, cpus=1)
+    # No scheduler binds the pods: every admission runs out of time.
+    shim = start_queued_shim(pod_spec={"schedulerName": "no-such-scheduler"},
+                             env={"K8S_CELERY_PENDING_TIMEOUT": "120"})
+    with JobRecorder(k8s_kueue_cluster, kueue_namespace) as recorder:
+        result = taskapp.count.delay("never-ready")
+        with pytest.raises(WorkloadDeactivated, match="deactivated Workload job-kc-.*: The workload is deactivated "
+                                                      "due to exceeding the maximum number of re-queuing retries"):
+            result.get(timeout=120)
+    assert len(recorder.jobs) == 1 and all(len(names) == 1 for names in recorder.jobs.values()), recorder.jobs
+    wait_until(lambda: settled(taskapp, k8s_kueue_cluster, kueue_namespace), timeout=30,
+               message=lambda: f"the message acked and the Job deleted; last: {settled.last}")
+    log = shim.log()
+    assert log.count(" admitted\n") >= 2, log  # admitted, evicted (suspended again), admitted again
+    assert "was lost" not in log and "requeueing" not in log and "PodPendingTimeout" not in log
+    assert runs(taskapp, "never-ready") == 0
 
 
 def test_queued_tasks_deactivated_or_revoked_end_at_once_and_never_run(

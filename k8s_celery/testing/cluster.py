@@ -71,14 +71,15 @@ class LocalCluster:
     (the default) serves watches straight from etcd, so that etcd compaction makes
     an old resourceVersion answer 410 Gone as it would on a busy cluster.
     ``audit_log=True`` records every request in :attr:`audit_log_path`. ``kueue=True``
-    runs Kueue's manager with its webhooks (:attr:`kueue`, :mod:`.kueue`).
+    runs Kueue's manager with its webhooks (:attr:`kueue`, :mod:`.kueue`); a dict instead
+    adds its fields to Kueue's Configuration (``{"waitForPodsReady": {...}}``).
     """
 
     def __init__(self, *, kubelet: bool = True, kubelet_options: dict | None = None,
                  bin_dir: str | Path | None = None, workdir: str | Path | None = None,
                  watch_cache: bool = False, audit_log: bool = False,
                  startup_timeout: float = 90.0, build: bool = True,
-                 node: str = "process", node_options: dict | None = None, kueue: bool = False):
+                 node: str = "process", node_options: dict | None = None, kueue: bool | dict = False):
         if node not in NODES:
             raise ValueError(f"node must be one of {NODES}, not {node!r}")
         if node == "real" and kubelet:
@@ -166,7 +167,8 @@ class LocalCluster:
         if self.with_kueue:
             from .kueue import Kueue
 
-            self.kueue = Kueue(self, build=self._build).start()
+            settings = self.with_kueue if isinstance(self.with_kueue, dict) else {}
+            self.kueue = Kueue(self, build=self._build, settings=settings).start()
         self._started = True
         log.info("local cluster ready at %s in %.1fs", self.server, time.monotonic() - started)
 

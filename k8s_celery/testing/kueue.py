@@ -76,8 +76,9 @@ def served_webhooks(configuration: dict) -> list[dict]:
 class Kueue:
     """Kueue's manager as a process of a started LocalCluster (stopped with it)."""
 
-    def __init__(self, cluster, build: bool = True):
+    def __init__(self, cluster, build: bool = True, settings: dict | None = None):
         self.cluster = cluster
+        self.settings = settings or {}
         self.binary = kueue_binary(build=build)
         self.source = binaries.go_module_dir(MODULE, KUEUE_VERSION)
         self.dir = cluster.workdir / "kueue"
@@ -119,8 +120,9 @@ class Kueue:
         return self
 
     def configuration(self, certs: Path) -> dict:
-        """Kueue's Configuration for a manager outside the cluster."""
-        return {"apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": NAMESPACE,
+        """Kueue's Configuration for a manager outside the cluster, with :attr:`settings`
+        (fields of the Configuration, such as ``waitForPodsReady``) added."""
+        return {**self.settings, "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": NAMESPACE,
                 "health": {"healthProbeBindAddress": f"127.0.0.1:{self.health_port}"},
                 "metrics": {"bindAddress": f"127.0.0.1:{self.metrics_port}"},
                 "webhook": {"host": "127.0.0.1", "port": self.webhook_port, "certDir": str(certs)},

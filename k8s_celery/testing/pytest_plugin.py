@@ -40,13 +40,21 @@ def k8s_cluster():
         yield cluster
 
 
+#: The Kueue of :func:`k8s_kueue_cluster`: an admitted Workload whose pods are not ready
+#: within 15 s is evicted and queued again after about a second, and deactivated at its
+#: second such eviction (its requeue limit).
+KUEUE_SETTINGS = {"waitForPodsReady": {"timeout": "15s", "blockAdmission": False, "requeuingStrategy": {
+    "backoffLimitCount": 1, "backoffBaseSeconds": 1, "backoffMaxSeconds": 2}}}
+
+
 @pytest.fixture(scope="session")
 def k8s_kueue_cluster():
-    """A second LocalCluster running Kueue's manager and webhooks (``kueue=True``), shared by
-    the session: Kueue's webhook sees every Job created, so the others' cluster stays without it."""
+    """A second LocalCluster running Kueue's manager and webhooks (:data:`KUEUE_SETTINGS`),
+    shared by the session: Kueue's webhook sees every Job created, so the others' cluster
+    stays without it."""
     from .cluster import LocalCluster
 
-    with LocalCluster(kueue=True) as cluster:
+    with LocalCluster(kueue=KUEUE_SETTINGS) as cluster:
         yield cluster
 
 

@@ -31,8 +31,12 @@ STOPS_THE_NODE = ("test_stop_removes_everything_the_node_made",
 
 
 def pytest_collection_modifyitems(config, items):
-    last = [item for item in items if item.originalname in STOPS_THE_NODE and "real_node" in item.nodeid]
-    items[:] = [item for item in items if item not in last] + last
+    """The tests that start Kueue on the session's node run after the others (its webhook
+    then sees every Job), and those that stop the node last of all."""
+    real = [item for item in items if "real_node" in item.nodeid]
+    kueue = [item for item in real if "real_kueue" in getattr(item, "fixturenames", ())]
+    last = [item for item in real if item.originalname in STOPS_THE_NODE]
+    items[:] = [item for item in items if item not in kueue and item not in last] + kueue + last
 
 
 @pytest.fixture(scope="session")
