@@ -2,8 +2,8 @@
 
 Starts its own Redis and local control plane (the process kubelet in simulation
 mode for measurements 1-5, running real pods for 6, a real node for 7 when this
-machine can run one) and prints one markdown table: each figure as the median over
-the runs with the range in brackets.
+machine can run one, Kueue's manager for 8) and prints one markdown table: each
+figure as the median over the runs with the range in brackets (8: one run).
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from . import realnode
 from .harness import ROOT, environment
 from .measure import RAISED, Plan, Row, api_requests, latency, pod_side, throughput
 from .output import pod_output
+from .queued import queued
 from .stats import markdown_table
 
 MEASUREMENTS = {"latency": latency, "requests": api_requests, "throughput": throughput, "output": pod_output}
-#: Measurements with an environment of their own: the process kubelet's real pods, a real node.
-OWN_ENVIRONMENT = ("pod", "realnode")
+#: Measurements with an environment of their own: the process kubelet's real pods, a real node,
+#: a cluster running Kueue.
+OWN_ENVIRONMENT = ("pod", "realnode", "kueue")
 
 
 def machine() -> str:
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("measuring pod side …", file=sys.stderr, flush=True)
                 with environment(workdir / "pods", redis, simulate=False) as env:
                     rows += pod_side(env, plan)
+            if "kueue" in chosen:
+                print("measuring tasks queued in Kueue …", file=sys.stderr, flush=True)
+                with environment(workdir / "kueue", redis, simulate=True, kueue=True) as env:
+                    rows += queued(env, plan)
             if "realnode" in chosen:
                 print("measuring on a real node (waits while another real node runs) …", file=sys.stderr,
                       flush=True)

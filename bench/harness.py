@@ -393,13 +393,22 @@ class Environment:
                  timeout, "the raw Jobs, pods and Secrets to be gone", interval=1.0)
 
 
-def write_manifest(directory: Path, broker_url: str) -> Path:
-    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": {"app": "bench"}},
-                "spec": {"template": {"spec": {"containers": [{
-                    "name": "task", "image": "registry.local/bench:1",
-                    "env": [{"name": "CELERY_BROKER_URL", "value": broker_url},
-                            {"name": "CELERY_RESULT_BACKEND", "value": broker_url},
-                            {"name": "PYTHONPATH", "value": str(ROOT)}]}]}}}}
+#: The LocalQueue of the bench's Jobs when it runs Kueue (``environment(kueue=True)``).
+LOCAL_QUEUE = "bench"
+
+
+def write_manifest(directory: Path, broker_url: str, kueue: bool = False) -> Path:
+    """The bench queue's manifest; with ``kueue``, its Jobs go to Kueue's LocalQueue
+    :data:`LOCAL_QUEUE` and ask for 1 CPU each."""
+    labels = {"app": "bench", **({"kueue.x-k8s.io/queue-name": LOCAL_QUEUE} if kueue else {})}
+    container = {"name": "task", "image": "registry.local/bench:1",
+                 "env": [{"name": "CELERY_BROKER_URL", "value": broker_url},
+                         {"name": "CELERY_RESULT_BACKEND", "value": broker_url},
+                         {"name": "PYTHONPATH", "value": str(ROOT)}]}
+    if kueue:
+        container["resources"] = {"requests": {"cpu": "1"}}
+    manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"labels": labels},
+                "spec": {"template": {"spec": {"containers": [container]}}}}
     path = directory / QUEUE / "manifest.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(manifest))
@@ -462,17 +471,19 @@ def prepared(cluster: LocalCluster, workdir: Path, redis: RedisServer, app, app_
 
 
 @contextmanager
-def environment(workdir: Path, redis: RedisServer, simulate: bool) -> Iterator[Environment]:
+def environment(workdir: Path, redis: RedisServer, simulate: bool, kueue: bool = False) -> Iterator[Environment]:
     """A fresh local cluster with the bench's namespaces, identity and observers.
 
     ``simulate=True``: the kubelet runs no processes (the bench ends the pods) and
     the API server keeps an audit log; otherwise pods really run ``k8s-celery run-task``.
     The API server serves watches from its watch cache, as production ones do.
+    ``kueue=True``: the cluster runs Kueue, and the bench queue's Jobs go to its
+    LocalQueue :data:`LOCAL_QUEUE` (which the measurement creates).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     app, app_environ = bench_app(redis)
-    manifests = write_manifest(workdir / "manifests", app_environ["CELERY_BROKER_URL"])
+    manifests = write_manifest(workdir / "manifests", app_environ["CELERY_BROKER_URL"], kueue=kueue)
     with LocalCluster(audit_log=simulate, kubelet_options={"simulate": simulate}, watch_cache=True,
-                      workdir=workdir / "cluster") as cluster:
+                      workdir=workdir / "cluster", kueue=kueue) as cluster:
         with prepared(cluster, workdir, redis, app, app_environ, manifests, simulate) as env:
             yield env

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .cluster import KubeApi, collection_path
 from .kueue import slim_workload
-from .manifest import ANNOTATION_KEEP_UNTIL, LABEL_DELIVERY, MANAGED_SELECTOR
+from .manifest import ANNOTATION_KEEP_UNTIL, ANNOTATION_TASK_ID, LABEL_DELIVERY, MANAGED_SELECTOR
 from .watch import Watcher
 
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
@@ -28,8 +28,8 @@ KEPT_METADATA = ("name", "uid", "creationTimestamp", "deletionTimestamp", "delet
 
 
 def slim_job(job: dict) -> dict:
-    """What the worker reads of a Job: identity, its delivery, whether it is suspended
-    (queued by Kueue, or preempted) or kept for a post-mortem, and status conditions."""
+    """What the worker reads of a Job: identity, its delivery and task, whether it is
+    suspended (queued by Kueue, or preempted) or kept for a post-mortem, and status conditions."""
     status, spec = job.get("status") or {}, job.get("spec") or {}
     metadata = job.get("metadata") or {}
     slim = {"metadata": _metadata(job),
@@ -37,9 +37,10 @@ def slim_job(job: dict) -> dict:
     delivery = (metadata.get("labels") or {}).get(LABEL_DELIVERY)
     if delivery:
         slim["metadata"]["labels"] = {LABEL_DELIVERY: delivery}
-    keep_until = (metadata.get("annotations") or {}).get(ANNOTATION_KEEP_UNTIL)
-    if keep_until:
-        slim["metadata"]["annotations"] = {ANNOTATION_KEEP_UNTIL: keep_until}
+    annotations = {key: value for key, value in (metadata.get("annotations") or {}).items()
+                   if key in (ANNOTATION_KEEP_UNTIL, ANNOTATION_TASK_ID)}
+    if annotations:
+        slim["metadata"]["annotations"] = annotations
     kept_spec = {key: spec[key] for key in ("suspend", "ttlSecondsAfterFinished") if spec.get(key)}
     if kept_spec:
         slim["spec"] = kept_spec
@@ -126,6 +127,11 @@ class ObjectCache:
         with self._lock:
             return [job for job in self._jobs.values()
                     if job["metadata"].get("labels", {}).get(LABEL_DELIVERY) == delivery]
+
+    def jobs(self) -> list[dict]:
+        """Every live Job of the worker's namespace, as the watch last showed it."""
+        with self._lock:
+            return list(self._jobs.values())
 
     def job_uids(self) -> list[str]:
         with self._lock:

@@ -18,11 +18,11 @@ from celery import states
 
 from . import outcome as outcomes
 from .brokers import Broker
-from .cluster import ApiError, KubeApi, collection_path, object_path
+from .cluster import ApiError, KubeApi, object_path
 from .config import Settings
 from .deliveries import DeliveryTable, Phase
 from .informer import ObjectCache
-from .manifest import ANNOTATION_TASK_ID, MANAGED_SELECTOR, kept
+from .manifest import ANNOTATION_TASK_ID, kept
 
 log = logging.getLogger("k8s_celery.pool")
 
@@ -61,7 +61,7 @@ class Maintenance:
             check_running = now >= next_running_check
             if check_running:
                 next_running_check = now + RUNNING_CHECK_INTERVAL
-            self._enqueue_due(check_running)
+            self._enqueue_due(check_running, now)
             if now >= next_refresh:
                 requests = [r for d in self.table for r in d.requests if not d.ended]
                 next_refresh = now + self.broker.refresh_reservations(requests)
@@ -69,9 +69,20 @@ class Maintenance:
                 next_sweep = now + self.settings.sweep_interval
                 self._sweep()
 
-    def _enqueue_due(self, check_running: bool) -> None:
+    def _enqueue_due(self, check_running: bool, now: float) -> None:
+        """Every second the deliveries whose pods have not run yet (the pending timeout);
+        every :data:`RUNNING_CHECK_INTERVAL` the others too. Not a Job waiting in Kueue's
+        queue: it has no pod, the watches bring each change of it or of its Workload (and
+        their relists one they missed), and its one clock, the admission timeout, is due
+        only at its end. Hundreds of them may wait for hours."""
+        timeout = self.settings.admission_timeout
         for delivery in self.table:
-            if delivery.phase is Phase.TRACKING and (check_running or not delivery.accepted):
+            if delivery.phase is not Phase.TRACKING:
+                continue
+            if delivery.queued_since is not None:
+                if timeout and now - delivery.queued_since > timeout:
+                    self.enqueue(delivery.key)
+            elif check_running or not delivery.accepted:
                 self.enqueue(delivery.key)
 
     def _sweep(self) -> None:
@@ -90,19 +101,21 @@ class Sweeper:
     backend holds the task's final state; a Job of a task still to be retried (a lost
     attempt) stays, since it counts the attempts, and so does a Job kept for a
     post-mortem until its time is up. The TTL controller removes whatever is left
-    after ``job_ttl``.
+    after ``job_ttl``. The Jobs are those of the informer's cache: listing them all
+    each time would cost the API server, and this worker's CPU, in proportion to the
+    Jobs in flight (a thousand waiting in Kueue's queue, say).
     """
 
-    def __init__(self, api: KubeApi, namespace: str, app, settings: Settings):
+    def __init__(self, api: KubeApi, namespace: str, app, settings: Settings, cache: ObjectCache):
         self.api = api
         self.namespace = namespace
         self.app = app
         self.settings = settings
+        self.cache = cache
 
     def sweep(self, owned_uids: set[str]) -> None:
-        jobs, _ = self.api.list(collection_path("jobs", self.namespace), label_selector=MANAGED_SELECTOR)
         cutoff = time.time() - self.settings.sweep_grace
-        for job in jobs:
+        for job in self.cache.jobs():
             metadata = job["metadata"]
             condition = outcomes.job_condition(job)
             if metadata["uid"] in owned_uids or condition is None or kept(job):

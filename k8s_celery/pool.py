@@ -116,7 +116,7 @@ class KubernetesPool(BasePool):
                                      self.settings, self.bridge, self.reporter, self.queue.add,
                                      self.queue.add_after, self._on_slot_freed, self.post_mortem)
         self.maintenance = Maintenance(self.table, self.informer.cache, self.broker,
-                                       Sweeper(self.api, self.namespace, self.app, self.settings),
+                                       Sweeper(self.api, self.namespace, self.app, self.settings, self.informer.cache),
                                        self.queue.add, self.settings)
 
     def on_stop(self) -> None:

@@ -88,14 +88,15 @@ def test_kueue_workloads_are_kept_under_their_jobs_uid_and_a_relist_replaces_the
     assert cache.workload("j-1") is None
 
 
-def test_a_delivery_s_jobs_are_found_in_the_cache_with_what_clean_up_reads():
+def test_a_delivery_s_jobs_are_found_in_the_cache_with_what_clean_up_and_the_sweep_read():
     from k8s_celery.informer import slim_job
-    from k8s_celery.manifest import ANNOTATION_KEEP_UNTIL, LABEL_DELIVERY
+    from k8s_celery.manifest import ANNOTATION_KEEP_UNTIL, ANNOTATION_TASK_ID, LABEL_DELIVERY
 
     cache = ObjectCache()
     first = job("kc-1", "uid-1")
     first["metadata"].update(labels={LABEL_DELIVERY: "d-1", "team": "x"},
-                             annotations={ANNOTATION_KEEP_UNTIL: "2030-01-01T00:00:00Z", "other": "y"})
+                             annotations={ANNOTATION_KEEP_UNTIL: "2030-01-01T00:00:00Z", "other": "y",
+                                          ANNOTATION_TASK_ID: "t-1"})
     first["spec"]["ttlSecondsAfterFinished"] = 600
     second = job("kc-2", "uid-2")
     second["metadata"]["labels"] = {LABEL_DELIVERY: "d-1"}
@@ -104,7 +105,9 @@ def test_a_delivery_s_jobs_are_found_in_the_cache_with_what_clean_up_reads():
     for each in (first, second, other):
         cache.put_job(each)
     assert sorted(j["metadata"]["name"] for j in cache.jobs_of_delivery("d-1")) == ["kc-1", "kc-2"]
-    assert slim_job(first)["metadata"]["annotations"] == {ANNOTATION_KEEP_UNTIL: "2030-01-01T00:00:00Z"}
+    assert slim_job(first)["metadata"]["annotations"] == {ANNOTATION_KEEP_UNTIL: "2030-01-01T00:00:00Z",
+                                                          ANNOTATION_TASK_ID: "t-1"}
     assert slim_job(first)["spec"] == {"ttlSecondsAfterFinished": 600}
     cache.delete_job(second)
     assert [j["metadata"]["name"] for j in cache.jobs_of_delivery("d-1")] == ["kc-1"]
+    assert sorted(j["metadata"]["name"] for j in cache.jobs()) == ["kc-1", "kc-3"]

@@ -56,6 +56,38 @@ def test_sigkilled_worker_tasks_are_adopted_by_the_next(start_shim, taskapp, k8s
     assert any(decision in second.log() for decision in decisions), second.log()
 
 
+def leftover_job(cluster, namespace: str, task_id: str) -> str:
+    """A finished Job of this worker's as a worker killed before its clean-up leaves it."""
+    from k8s_celery.cluster import collection_path
+    from k8s_celery.manifest import ANNOTATION_TASK_ID, LABEL_DELIVERY, MANAGED_BY, MANAGER, task_hash
+
+    name = f"leftover-{task_hash(task_id)}"
+    cluster.api.create(collection_path("jobs", namespace), {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "labels": {MANAGED_BY: MANAGER, LABEL_DELIVERY: task_hash(task_id)},
+                     "annotations": {ANNOTATION_TASK_ID: task_id}},
+        "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+            {"name": "task", "image": "none", "command": ["true"]}]}}}})
+    return name
+
+
+def test_finished_jobs_no_delivery_needs_are_swept_once_their_task_is_done(start_shim, taskapp, k8s_cluster,
+                                                                          k8s_namespace):
+    """The sweeper looks at the Jobs the watch shows (it lists none): a finished Job whose
+    task the result backend holds done goes; one whose task may still run again stays."""
+    done, undecided = "leftover-done", "leftover-undecided"
+    taskapp.app.backend.store_result(done, 3, "SUCCESS")
+    names = {task_id: leftover_job(k8s_cluster, k8s_namespace, task_id) for task_id in (done, undecided)}
+    start_shim(env={"K8S_CELERY_SWEEP_GRACE": "1", "K8S_CELERY_SWEEP_INTERVAL": "2"})
+
+    def left() -> set[str]:
+        return {job["metadata"]["name"] for job in jobs_in(k8s_cluster, k8s_namespace)}
+    wait_until(lambda: left() == {names[undecided]}, timeout=60,
+               message=lambda: f"only the undecided task's Job left; left: {left()}")
+    time.sleep(6)  # three more sweeps
+    assert left() == {names[undecided]}
+
+
 def test_sigterm_leaves_pods_running_for_the_next_worker(start_shim, taskapp, k8s_cluster, k8s_namespace,
                                                          redis_server):
     first = start_shim(env={"K8S_CELERY_DRAIN_TIMEOUT": "1"})
