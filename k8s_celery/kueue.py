@@ -131,6 +131,13 @@ def waiting_reason(workload: dict | None) -> str | None:
     return None
 
 
+def inadmissible(workload: dict | None) -> bool:
+    """Whether Kueue says the Workload cannot be admitted as things are (reason
+    ``Inadmissible``: its LocalQueue or ClusterQueue missing, inactive or stopped), rather
+    than that it waits its turn for quota (``Pending``), as queued Jobs do by design."""
+    return workload is not None and _condition(workload, "QuotaReserved").get("reason") == "Inadmissible"
+
+
 class Admission:
     """The clock of a delivery whose Job waits suspended in Kueue's queue.
 
@@ -163,8 +170,10 @@ class Admission:
         reason = waiting_reason(workload)
         if reason and reason != delivery.admission_note:
             delivery.admission_note = reason
-            log.warning("task %s[%s]: Job %s not admitted yet; %s", delivery.spec.name, delivery.task_id,
-                        delivery.job_name, reason)
+            # A thousand Jobs may wait for quota: that is the queue working, not a problem.
+            log.log(logging.WARNING if inadmissible(workload) else logging.INFO,
+                    "task %s[%s]: Job %s not admitted yet; %s", delivery.spec.name, delivery.task_id,
+                    delivery.job_name, reason)
         waited = now - delivery.queued_since
         if not self.admission_timeout or waited <= self.admission_timeout:
             return None

@@ -85,3 +85,21 @@ def test_the_admission_timeout_names_what_kueue_said_and_restarts_at_each_suspen
     assert result.reason == (f"Job {waiting.job_name} not admitted (still suspended) after 31s "
                              "(K8S_CELERY_ADMISSION_TIMEOUT); Kueue: LocalQueue missing doesn't exist")
     assert isinstance(task_error(result), PodPendingTimeout)
+
+
+def test_a_job_waiting_for_quota_is_noted_at_info_one_kueue_cannot_admit_at_warning(caplog):
+    pending = slim_workload(workload(QuotaReserved=("False", "Pending", "couldn't assign flavors to pod set main: "
+                                                                       "insufficient quota for cpu in flavor default")))
+    missing = slim_workload(workload(QuotaReserved=("False", "Inadmissible", "LocalQueue tasks doesn't exist")))
+    workloads = {"j-1": pending}
+    waiting, admission = queued(workloads)
+    with caplog.at_level("INFO", logger="k8s_celery.pool"):
+        admission.waiting(waiting, now=0.0)
+        workloads["j-1"] = missing
+        admission.waiting(waiting, now=1.0)
+        admission.waiting(waiting, now=2.0)  # the same reason: said once
+    notes = [(record.levelname, record.getMessage().split("; ", 1)[1]) for record in caplog.records
+             if "not admitted yet" in record.getMessage()]
+    assert notes == [("INFO", "Kueue: couldn't assign flavors to pod set main: insufficient quota for cpu in "
+                              "flavor default"),
+                     ("WARNING", "Kueue: LocalQueue tasks doesn't exist")]
