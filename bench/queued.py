@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from k8s_celery.testing.kueue import API
+
 from .harness import LOCAL_QUEUE, NAMESPACE, SHIM_USER, Environment, Shim, wait_for
 from .measure import MS, RAISED, Plan, Row, publish, split, verdict
 
@@ -28,7 +30,7 @@ def cluster_queue(env: Environment, cpus: int) -> None:
     kueue.create("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": "default"}}, exist_ok=True)
     if kueue.create("clusterqueues", {"kind": "ClusterQueue", "metadata": {"name": CLUSTER_QUEUE}, "spec": {
             "namespaceSelector": {}, "resourceGroups": [quota]}}, exist_ok=True) is None:
-        env.cluster.api.patch(f"/apis/kueue.x-k8s.io/v1beta2/clusterqueues/{CLUSTER_QUEUE}",
+        env.cluster.api.patch(f"{API}/clusterqueues/{CLUSTER_QUEUE}",
                               {"spec": {"resourceGroups": [quota]}}, strategy="merge-patch")
     kueue.create("localqueues", {"kind": "LocalQueue", "metadata": {"name": LOCAL_QUEUE},
                                  "spec": {"clusterQueue": CLUSTER_QUEUE}}, namespace=NAMESPACE, exist_ok=True)
@@ -86,4 +88,3 @@ def queued(env: Environment, plan: Plan) -> list[Row]:
             f"the pace of Kueue's admissions; its manager sent {kueue_requests / drained:.1f} requests/s "
             "meanwhile", "–", "every task succeeds, none timed out", verdict(succeeded == backlog)),
     ]
-

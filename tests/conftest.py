@@ -218,6 +218,21 @@ def jobs_in(cluster, namespace: str) -> list[dict]:
     return jobs
 
 
+def label_namespace(cluster, namespace: str, labels: dict) -> None:
+    """Set (or, with ``None`` values, remove) labels of a namespace: Pod Security's, say."""
+    from k8s_celery.cluster import object_path
+
+    cluster.api.patch(object_path("namespaces", None, namespace), {"metadata": {"labels": labels}},
+                      strategy="merge-patch")
+
+
+def without_security_contexts(pod_spec: dict) -> dict:
+    """``pod_spec`` without its pod's and its first container's securityContext (in place)."""
+    pod_spec.pop("securityContext", None)
+    pod_spec["containers"][0].pop("securityContext", None)
+    return pod_spec
+
+
 def payload_secret_of(cluster, namespace: str, task_id: str, timeout: float = 30) -> str:
     """The name of a task's payload Secret, once the worker has created it."""
     from k8s_celery.cluster import collection_path

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import RESTRICTED, run_check, write_manifest
+from conftest import RESTRICTED, label_namespace, run_check, write_manifest
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path, object_path
 
@@ -88,10 +88,10 @@ def test_check_warns_of_a_namespace_without_pod_security(k8s_cluster, k8s_namesp
         assert done.returncode == 0, done.stdout + done.stderr  # a warning does not fail the check
         assert (f"WARN  Pod Security of namespace {k8s_namespace}: no pod-security.kubernetes.io/enforce label: "
                 "task pods get the cluster's default level (privileged unless configured); label the namespace "
-                "pod-security.kubernetes.io/enforce=restricted, which the chart's pods meet") in done.stdout.splitlines()
+                "pod-security.kubernetes.io/enforce=restricted, which the chart's pods meet"
+                ) in done.stdout.splitlines()
 
-        api.patch(object_path("namespaces", None, k8s_namespace), {"metadata": {"labels": RESTRICTED}},
-                  strategy="merge-patch")
+        label_namespace(k8s_cluster, k8s_namespace, RESTRICTED)
         done = check(k8s_cluster, k8s_namespace, tmp_path, "reader")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "WARN" not in done.stdout

@@ -18,7 +18,7 @@ import pytest
 import urllib3
 import yaml
 
-from conftest import APPS, RESTRICTED, dump_json, payload_secret_of, run_check, scrape_settled
+from conftest import APPS, RESTRICTED, dump_json, label_namespace, payload_secret_of, run_check, scrape_settled
 from k8s_celery.check import REQUIRED_ACCESS
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.config import validate_job_manifest, validate_object
@@ -245,8 +245,7 @@ def test_installed_chart_runs_tasks_with_least_privilege(k8s_cluster, k8s_namesp
     its worker pod and its task pods; a task's token reads no other task's payload."""
     port = free_port()
     api = k8s_cluster.api
-    api.patch(object_path("namespaces", None, k8s_namespace), {"metadata": {"labels": RESTRICTED}},
-              strategy="merge-patch")
+    label_namespace(k8s_cluster, k8s_namespace, RESTRICTED)
     objects = helm_template(installed_values(broker_url, port), namespace=k8s_namespace)
     kubectl_run(k8s_cluster, "apply", "-n", k8s_namespace, "-f", "-", stdin=to_yaml(objects))
 

@@ -10,18 +10,13 @@ import re
 import pytest
 import yaml
 
-from conftest import RESTRICTED
-from k8s_celery.cluster import ApiError, collection_path, object_path
+from conftest import RESTRICTED, label_namespace, without_security_contexts
+from k8s_celery.cluster import ApiError, collection_path
 from k8s_celery.config import Settings, validate_job_manifest
 from k8s_celery.manifest import TaskSpec, build_job
 from test_deploy import KUBERNETES_VERSION, KUSTOMIZE_BASE, REQUIRED_VALUES, ROOT, helm_template, queue_manifests
 
 pytestmark = pytest.mark.cluster
-
-
-def set_labels(cluster, namespace: str, labels: dict) -> None:
-    cluster.api.patch(object_path("namespaces", None, namespace), {"metadata": {"labels": labels}},
-                      strategy="merge-patch")
 
 
 def shipped_manifests() -> dict[str, dict]:
@@ -65,7 +60,7 @@ def admitted(cluster, namespace: str, pod: dict) -> str | None:
 
 
 def test_every_shipped_manifest_makes_pods_that_restricted_admits(k8s_cluster, k8s_namespace):
-    set_labels(k8s_cluster, k8s_namespace, RESTRICTED)
+    label_namespace(k8s_cluster, k8s_namespace, RESTRICTED)
     manifests = shipped_manifests()
     assert {"examples/manifests/kubernetes/manifest.yaml", "deploy/kustomize/base/manifests/celery.yaml",
             "the chart's queue celery", "the chart's queue reports", "README.md, yaml block 1"} <= set(manifests)
@@ -77,14 +72,13 @@ def test_every_shipped_manifest_makes_pods_that_restricted_admits(k8s_cluster, k
     assert {source: reason for source, reason in refused.items() if reason} == {}
     # The dry run is enforced: the same pod without its securityContexts is refused.
     bare = task_pod(manifests["examples/manifests/kubernetes/manifest.yaml"], "bare")
-    bare["spec"].pop("securityContext")
-    bare["spec"]["containers"][0].pop("securityContext")
+    without_security_contexts(bare["spec"])
     assert 'violates PodSecurity "restricted:latest"' in admitted(k8s_cluster, k8s_namespace, bare)
 
 
 def test_a_pod_the_namespace_refuses_fails_its_task_with_the_api_servers_reason(start_shim, taskapp, k8s_cluster,
                                                                                   k8s_namespace):
-    set_labels(k8s_cluster, k8s_namespace, RESTRICTED)
+    label_namespace(k8s_cluster, k8s_namespace, RESTRICTED)
     # The API server enforces it: a pod without the restricted profile's settings is refused.
     bare = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bare"},
             "spec": {"containers": [{"name": "main", "image": "busybox"}]}}
@@ -100,6 +94,6 @@ def test_a_pod_the_namespace_refuses_fails_its_task_with_the_api_servers_reason(
     assert 'FailedCreate: Error creating: pods "kc-' in str(raised.value)
     assert 'violates PodSecurity "restricted:latest"' in str(raised.value)
 
-    set_labels(k8s_cluster, k8s_namespace, {key: None for key in RESTRICTED})
+    label_namespace(k8s_cluster, k8s_namespace, {key: None for key in RESTRICTED})
     assert taskapp.add.delay(2, 2).get(timeout=60) == 4, "the worker must go on"
     assert "PodPendingTimeout" in shim.log()

@@ -122,7 +122,8 @@ class Kueue:
     def configuration(self, certs: Path) -> dict:
         """Kueue's Configuration for a manager outside the cluster, with :attr:`settings`
         (fields of the Configuration, such as ``waitForPodsReady``) added."""
-        return {**self.settings, "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": NAMESPACE,
+        return {**self.settings,
+                "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": NAMESPACE,
                 "health": {"healthProbeBindAddress": f"127.0.0.1:{self.health_port}"},
                 "metrics": {"bindAddress": f"127.0.0.1:{self.metrics_port}"},
                 "webhook": {"host": "127.0.0.1", "port": self.webhook_port, "certDir": str(certs)},

@@ -11,7 +11,7 @@ import json
 import pytest
 import urllib3
 
-from conftest import RESTRICTED, payload_secret_of
+from conftest import RESTRICTED, label_namespace, payload_secret_of
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.testing import wait_until
 from test_deploy import helm_template, kubectl_run, to_yaml
@@ -42,8 +42,7 @@ def exec_in(cluster, namespace: str, pod: str, code: str) -> str:
 def test_installed_chart_runs_the_worker_in_a_real_container(real_cluster, real_namespace, taskapp,
                                                               taskapp_image, pod_broker_url):
     api = real_cluster.api
-    api.patch(object_path("namespaces", None, real_namespace), {"metadata": {"labels": RESTRICTED}},
-              strategy="merge-patch")
+    label_namespace(real_cluster, real_namespace, RESTRICTED)
     objects = helm_template(chart_values(taskapp_image.name, pod_broker_url), namespace=real_namespace)
     kubectl_run(real_cluster, "apply", "-n", real_namespace, "-f", "-", stdin=to_yaml(objects))
 

@@ -10,8 +10,8 @@ import copy
 import pytest
 import yaml
 
-from conftest import RESTRICTED
-from k8s_celery.cluster import collection_path, object_path
+from conftest import RESTRICTED, label_namespace, without_security_contexts
+from k8s_celery.cluster import collection_path
 from test_deploy import KUSTOMIZE_BASE, ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
@@ -33,8 +33,7 @@ def write(directory, queue: str, manifest: dict) -> None:
 def test_shipped_manifests_run_under_restricted_and_a_refused_pod_fails_its_task(
         start_real_shim, taskapp, real_cluster, real_namespace, real_manifests, taskapp_image, pod_broker_url):
     api = real_cluster.api
-    api.patch(object_path("namespaces", None, real_namespace), {"metadata": {"labels": RESTRICTED}},
-              strategy="merge-patch")
+    label_namespace(real_cluster, real_namespace, RESTRICTED)
     broker = [{"name": "CELERY_BROKER_URL", "value": pod_broker_url},
               {"name": "CELERY_RESULT_BACKEND", "value": pod_broker_url}]
 
@@ -54,8 +53,7 @@ def test_shipped_manifests_run_under_restricted_and_a_refused_pod_fails_its_task
     write(real_manifests, "kustomize", base)
 
     refused = copy.deepcopy(example)  # as the example, without its securityContexts
-    refused["spec"]["template"]["spec"].pop("securityContext")
-    refused["spec"]["template"]["spec"]["containers"][0].pop("securityContext")
+    without_security_contexts(refused["spec"]["template"]["spec"])
     write(real_manifests, "refused", refused)
 
     shim = start_real_shim(queues="kubernetes,example,kustomize,refused",
