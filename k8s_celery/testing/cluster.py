@@ -44,8 +44,9 @@ CONTROLLERS = (
     "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
     "deployment-controller", "replicaset-controller", "resourcequota-controller",
 )
-#: With a real node, its not-ready taint must go once it is Ready (the scheduler obeys it).
-REAL_NODE_CONTROLLERS = ("node-lifecycle-controller",)
+#: With a real node, its not-ready taint must go once it is Ready (the scheduler obeys it), and
+#: the pods of a node that stops reporting are deleted as their tolerations say.
+REAL_NODE_CONTROLLERS = ("node-lifecycle-controller", "taint-eviction-controller")
 NODES = ("process", "real")
 
 
@@ -331,7 +332,7 @@ class LocalCluster:
 
     def _controller_manager_argv(self) -> list[str]:
         controllers = CONTROLLERS + (REAL_NODE_CONTROLLERS if self.real_node else ())
-        return [
+        argv = [
             str(self.bin_dir / "kube-controller-manager"),
             f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
             f"--controllers={','.join(controllers)}",
@@ -341,6 +342,7 @@ class LocalCluster:
             "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-job-syncs=10",
             "--profiling=false",
         ]
+        return with_flags(argv, self.real_node.controller_manager_flags()) if self.real_node else argv
 
 
 def main() -> None:  # pragma: no cover - manual use: keep a cluster up until Ctrl-C

@@ -16,15 +16,17 @@ class RedisServer(LocalServer):
     stop_timeout = 5.0
 
     def __init__(self, persistence: bool = True, port: int | None = None,
-                 executable: str | None = None):
+                 executable: str | None = None, bind: tuple[str, ...] = ("127.0.0.1",)):
         self.executable = executable or require_executable("redis-server", "redis-server")
         super().__init__(startup_timeout=20.0)
         self.port = port or free_port()
         self.persistence = persistence
+        #: Addresses it listens on, after restarts too (pods of a real node reach its address).
+        self.bind = bind
         self.url = f"redis://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
+        argv = [self.executable, "--port", str(self.port), "--bind", " ".join(self.bind),
                 "--dir", str(self.dir), "--save", "", "--protected-mode", "no"]
         if self.persistence:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]

@@ -46,16 +46,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from celery import Celery
 
 from ..cluster import collection_path
 from ..manifest import MANAGED_SELECTOR, kept
-from .cluster import LocalCluster
+from .chaos import PROCESS_FAULTS, REAL_NODE_FAULTS, Chaos
+from .cluster import NODES, LocalCluster
 from .redis import RedisServer
 
 logger = logging.getLogger("k8s_celery.testing.soak")  # also when run as __main__
 
 NAMESPACE = "soak"
-FAULTS = ("evict", "crash", "kill_worker", "restart_apiserver", "compact_etcd", "restart_redis")
+FAULTS = PROCESS_FAULTS
+#: The real node's kubelet lease, and how long the controller manager waits for its renewal:
+#: a node that stops reporting is NotReady in seconds rather than Kubernetes' 50.
+NODE_LEASE_SECONDS = 12
 
 
 @dataclass
@@ -71,7 +76,11 @@ class SoakReport:
     #: Jobs of failed or lost attempts kept for a post-mortem (K8S_CELERY_KEEP_FAILED_JOBS):
     #: meant to be there, so not leftovers; their Secrets are not counted either.
     kept_jobs: int = 0
+    #: Workers that exited on their own (not killed by the soak): each was started again.
+    worker_exits: int = 0
     faults: dict = field(default_factory=dict)
+    #: What the faults did (pods evicted, processes killed, OOM kills seen...).
+    effects: dict = field(default_factory=dict)
     leftovers: list = field(default_factory=list)
     broker: str = ""
     #: What the workers' banners name as their result backend: the soak's Redis, or
@@ -85,7 +94,8 @@ class SoakReport:
                 f"never_received={self.never_received} "
                 f"duplicate_runs={self.duplicate_runs} reruns_after_kill={self.reruns_after_kill} "
                 f"leftover_jobs={self.leftover_jobs} "
-                f"leftover_secrets={self.leftover_secrets} kept_jobs={self.kept_jobs}")
+                f"leftover_secrets={self.leftover_secrets} kept_jobs={self.kept_jobs} "
+                f"worker_exits={self.worker_exits}")
 
 
 class Worker:
@@ -110,48 +120,88 @@ class Worker:
 
 
 def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
-             fault_interval: float = 2.0, log=print) -> SoakReport:
+             fault_interval: float = 2.0, log=print, node: str = "process", rounds: int | None = None) -> SoakReport:
+    """Run the soak; see the module's docstring.
+
+    ``node="real"`` runs the task pods as real containers and injects
+    :data:`~.chaos.REAL_NODE_FAULTS`. ``rounds`` injects every kind of fault that many
+    times, in random order, and publishes the tasks along the way (a few after each
+    fault); without it, faults drawn at random hit the tasks published at the start
+    until they are all done.
+    """
     rng = random.Random(seed)
     work_dir = Path(tempfile.mkdtemp(prefix="k8s-celery-soak-"))
-    with _node_log(work_dir / "node.log"), RedisServer(persistence=True) as redis_server, \
-            LocalCluster(workdir=work_dir / "cluster") as cluster, \
+    with _node_log(work_dir / "node.log"), _servers(node, work_dir) as (redis_server, cluster, pod_spec), \
             _celery_environ(f"{redis_server.url}/0") as celery_env:
         broker = celery_env["CELERY_BROKER_URL"]
         cluster.create_namespace(NAMESPACE)
         manifests = work_dir / "manifests"
         (manifests / "kubernetes").mkdir(parents=True)
         (manifests / "kubernetes" / "manifest.yaml").write_text(yaml.safe_dump({
-            "apiVersion": "batch/v1", "kind": "Job", "spec": {"template": {"spec": {"containers": [{
-                "name": "task", "image": "registry.local/soak:1",
-                "env": [{"name": name, "value": value} for name, value in celery_env.items()]}]}}}}))
+            "apiVersion": "batch/v1", "kind": "Job", "spec": {"template": {"spec": pod_spec}}}))
         env = {**os.environ, "C_FORCE_ROOT": "1",
                "K8S_CELERY_MAX_LOST_ATTEMPTS": "20", "K8S_CELERY_SWEEP_GRACE": "10",
-               "K8S_CELERY_SWEEP_INTERVAL": "5", "K8S_CELERY_PENDING_TIMEOUT": "120",
+               "K8S_CELERY_SWEEP_INTERVAL": "5",
+               # A real node's faults hold pods back for a while (a kubelet or containerd away):
+               # the default, so that they do not fail tasks whose pods would have started.
+               "K8S_CELERY_PENDING_TIMEOUT": "120" if node == "process" else "300",
                "K8S_CELERY_DRAIN_TIMEOUT": "0"}
         workers = [Worker(f"soak-{i}", cluster, manifests, env, work_dir) for i in range(2)]
         for worker in workers:
             worker.start()
 
-        from .soak_app import app, work
+        # An app of this run's own: the soak app's module is imported once per process, with
+        # the broker of the first soak it ran.
+        publisher = Celery("soak-publisher", broker=broker, backend=broker, set_as_current=False)
 
         client = redis_server.client()
         # States are read straight from the backend's keys: the result consumer of this
         # process does not survive the Redis restarts the soak injects.
-        results = [TaskState(work.apply_async((round(rng.uniform(0.2, 3.0), 2),)).id, client)
-                   for _ in range(tasks)]
-        log(f"published {tasks} tasks; injecting faults for up to {duration:.0f}s (logs in {work_dir})")
+        results: list[TaskState] = []
+        longest = 3.0 if node == "process" else 6.0  # real pods: long enough to be hit
+
+        def publish(oom_mb: int = 0) -> None:
+            options = {"oom_mb": oom_mb} if oom_mb else {}
+            results.append(TaskState(publisher.send_task(
+                "soak.work", (round(rng.uniform(0.2, longest), 2),), options, queue="kubernetes").id, client))
+
+        kinds = REAL_NODE_FAULTS if node == "real" else PROCESS_FAULTS
+        chaos = Chaos(rng, cluster, redis_server, workers, NAMESPACE, publish)
+        plan = [kind for _ in range(rounds) for kind in rng.sample(kinds, len(kinds))] if rounds else None
+        batch = -(-tasks // len(plan)) if plan else tasks
+        published = 0
+
+        def publish_batch() -> None:
+            nonlocal published
+            for _ in range(min(batch, tasks - published)):
+                publish()
+                published += 1
+
+        publish_batch()
+        log(f"published {published} of {tasks} tasks; injecting faults for up to {duration:.0f}s "
+            f"(logs in {work_dir})")
         faults: collections.Counter = collections.Counter()
-        killed_pods: set[str] = set()
+        worker_exits = 0
         deadline = time.monotonic() + duration
-        while time.monotonic() < deadline and not all(_ready(r) for r in results):
-            fault = rng.choice(FAULTS)
-            if _inject(fault, rng, cluster, redis_server, workers, killed_pods):
+        while time.monotonic() < deadline and (plan or plan is None):
+            if all(_ready(r) for r in results):
+                if published == tasks:
+                    break  # nothing left to hit
+                publish_batch()  # nothing running: the next tasks now
+            fault = plan[0] if plan else rng.choice(kinds)
+            if chaos.inject(fault):
                 faults[fault] += 1
                 logger.info("injected %s", fault)
+                if plan:
+                    plan.pop(0)
+                    publish_batch()
+            elif plan:  # no pod running to hit: later
+                plan.append(plan.pop(0))
             time.sleep(rng.uniform(0.5, 2 * fault_interval))
-        for worker in workers:  # every worker up again, so that everything settles
-            if worker.process.poll() is not None:
-                worker.start()
+            worker_exits += restart_exited(workers, log)
+        while published < tasks:
+            publish_batch()
+        worker_exits += restart_exited(workers, log)  # every worker up, so that everything settles
         log(f"faults injected: {dict(faults)}; waiting for the workers to settle")
 
         state: dict = {}
@@ -184,7 +234,7 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
         runs = [len(p) for p in pods]
         # An extra run is inherent when every other pod that ran the task was killed by the soak.
         inherent = [max(0, len(names) - 1) if len(names) > 1 and
-                    sum(1 for name in names if name not in killed_pods) <= 1 else 0 for names in pods]
+                    sum(1 for name in names if name not in chaos.killed_pods) <= 1 else 0 for names in pods]
         for result, names, expected in zip(results, pods, inherent):
             if len(names) > 1:
                 why = "earlier pods killed after the work was done" if expected else "NOT explained by a kill"
@@ -197,24 +247,84 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
             log(f"left over: {line}")
         received = received_task_ids(work_dir)
         never_received = [r.id for r, n in zip(results, runs) if n == 0 and r.id not in received]
+        for result, n in zip(results, runs):
+            if n == 0 and result.id in received:
+                log(f"task {result.id} was received but never ran to its end: {_state(result)}")
         for task_id in never_received:
             log(f"task {task_id} never reached a worker: the broker lost it before delivery")
-        report = SoakReport(tasks=tasks, completed=completed, broker=broker,
+        chaos.effects["tasks the workers reported OOM-killed"] = oom_killed_tasks(work_dir)
+        report = SoakReport(tasks=len(results), completed=completed, broker=broker,
                             result_backends=sorted(worker_result_backends(work_dir)),
                             lost=sum(1 for r, n in zip(results, runs) if n == 0 and r.id in received),
                             never_received=len(never_received),
                             duplicate_runs=sum(max(0, n - 1) for n in runs) - sum(inherent),
                             reruns_after_kill=sum(inherent),
                             leftover_jobs=len(jobs), leftover_secrets=len(secrets), kept_jobs=len(kept_jobs),
-                            faults=dict(faults),
+                            faults=dict(faults), effects=dict(chaos.effects), worker_exits=worker_exits,
                             leftovers=leftovers,
                             duplicated=[r.id for r, n in zip(results, runs) if n > 1], work_dir=str(work_dir))
         for worker in workers:
             worker.kill(signal.SIGTERM)
-        app.close()
-    for data in ("etcd", "kubelet"):  # the control plane's logs stay with the workers'
+        publisher.close()
+    for data in ("etcd", "kubelet", "node"):  # the control plane's logs stay with the workers'
         shutil.rmtree(work_dir / "cluster" / data, ignore_errors=True)
     return report
+
+
+def restart_exited(workers: list[Worker], log) -> int:
+    """Start again every worker that exited on its own; how many did."""
+    exited = [worker for worker in workers if worker.process.poll() is not None]
+    for worker in exited:
+        log(f"worker {worker.name} exited on its own (code {worker.process.returncode}); starting it again")
+        worker.start()
+    return len(exited)
+
+
+@contextlib.contextmanager
+def _servers(node: str, work_dir: Path):
+    """``(redis_server, cluster, pod_spec)``: Redis and the cluster the soak runs on, and the
+    pod spec of its task Jobs.
+
+    On the real node the pods run the k8s-celery image (the soak's app is part of it) as
+    the chart runs them, with a memory limit the OOM tasks exceed, and reach Redis on the
+    node's address, which exists once the cluster has started. A standby node stays Ready
+    beside it, so that its pods are deleted when it stops reporting.
+    """
+    if node == "process":
+        with RedisServer(persistence=True) as redis_server, LocalCluster(workdir=work_dir / "cluster") as cluster:
+            yield redis_server, cluster, {"containers": [_task_container("registry.local/soak:1", redis_server.url)]}
+        return
+    from .realnode.faults import StandbyNode
+    from .realnode.images import ImageBuilder
+
+    image = ImageBuilder().k8s_celery()
+    with LocalCluster(node="real", workdir=work_dir / "cluster",
+                      node_options={"node_lease_seconds": NODE_LEASE_SECONDS}) as cluster, \
+            StandbyNode(cluster.api):
+        address = cluster.real_node.node_address
+        cluster.real_node.import_image(image)
+        with RedisServer(persistence=True, bind=("127.0.0.1", address)) as redis_server:
+            yield redis_server, cluster, _real_pod_spec(image.name, f"redis://{address}:{redis_server.port}")
+
+
+def _task_container(image: str, redis_url: str, **fields) -> dict:
+    return {"name": "task", "image": image, **fields,
+            "env": [{"name": name, "value": f"{redis_url}/0"}
+                    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")]}
+
+
+def _real_pod_spec(image: str, redis_url: str) -> dict:
+    from .realnode.pods import CONTAINER_SECURITY, POD_SECURITY
+
+    # Deleted as soon as their node is NotReady or unreachable (Kubernetes' default: 300 s).
+    tolerations = [{"key": f"node.kubernetes.io/{taint}", "operator": "Exists", "effect": "NoExecute",
+                    "tolerationSeconds": 0} for taint in ("not-ready", "unreachable")]
+    container = _task_container(image, redis_url, imagePullPolicy="Never", securityContext=CONTAINER_SECURITY,
+                                resources={"requests": {"memory": "64Mi"}, "limits": {"memory": "192Mi"}},
+                                volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}])
+    return {"securityContext": POD_SECURITY, "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 5, "tolerations": tolerations,
+            "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}
 
 
 @contextlib.contextmanager
@@ -310,6 +420,14 @@ def describe_leftovers(cluster: LocalCluster, jobs: list[dict], secrets: list[di
     return lines
 
 
+def oom_killed_tasks(log_dir: Path) -> int:
+    """How many tasks the workers logged an attempt of as OOM-killed (when the pod's end was
+    seen, or by the worker that took the task over)."""
+    pattern = re.compile(r"soak\.work\[([^\]]+)\].*container OOMKilled")
+    return len({match.group(1) for path in log_dir.glob("*.log")
+                for match in pattern.finditer(path.read_text(errors="replace"))})
+
+
 def worker_result_backends(log_dir: Path) -> set[str]:
     """The result backends the workers' startup banners name."""
     pattern = re.compile(r"\.> results:\s+(\S+)")
@@ -348,44 +466,26 @@ def _ready(result) -> bool:
     return _state(result) in ("SUCCESS", "FAILURE", "REVOKED")
 
 
-def _inject(fault: str, rng: random.Random, cluster: LocalCluster, redis_server: RedisServer,
-            workers: list[Worker], killed_pods: set[str]) -> bool:
-    try:
-        if fault in ("evict", "crash"):
-            pods = [p for p in cluster.kubelet.running_pods() if p[0] == NAMESPACE]
-            if not pods:
-                return False
-            pod = rng.choice(pods)
-            killed_pods.add(pod[1])
-            getattr(cluster.kubelet, fault)(*pod)
-        elif fault == "kill_worker":
-            worker = rng.choice(workers)
-            worker.kill(signal.SIGKILL)
-            time.sleep(rng.uniform(0.5, 3))
-            worker.start()
-        elif fault == "restart_apiserver":
-            cluster.restart_apiserver(downtime=rng.uniform(0, 2))
-        elif fault == "compact_etcd":
-            cluster.compact_etcd()
-        elif fault == "restart_redis":
-            redis_server.restart(downtime=rng.uniform(0, 1))
-        return True
-    except LookupError:  # the pod ended meanwhile
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m k8s_celery.testing.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of fault injection at most")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--fault-interval", type=float, default=2.0, help="mean seconds between faults / 2")
+    parser.add_argument("--node", choices=NODES, default="process",
+                        help="real: task pods are real containers, faults include the node's (needs root)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="inject every kind of fault this many times, publishing the tasks along the way")
     args = parser.parse_args(argv)
-    report = run_soak(args.tasks, args.duration, args.seed, fault_interval=args.fault_interval)
+    report = run_soak(args.tasks, args.duration, args.seed, fault_interval=args.fault_interval, node=args.node,
+                      rounds=args.rounds)
     if report.duplicated:
         print(f"ran more than once: {report.duplicated} (logs in {report.work_dir})")
+    print(f"faults: {report.faults}")
+    print(f"effects: {report.effects}")
     print(report.line())
-    return 0 if report.lost == report.duplicate_runs == report.leftover_jobs == report.leftover_secrets == 0 \
+    return 0 if report.lost == report.duplicate_runs == report.leftover_jobs == report.leftover_secrets \
+        == report.worker_exits == 0 \
         and report.completed == report.tasks else 1
 
 

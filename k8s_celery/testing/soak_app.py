@@ -41,8 +41,18 @@ def _count_run(task_id: str, run: str) -> int:
     return client.scard(f"soak:runs:{task_id}")
 
 
+@retry(retry=retry_if_exception_type(redis.ConnectionError), stop=stop_after_delay(60), wait=wait_fixed(0.5),
+       reraise=True)
+def _first_attempt(task_id: str) -> bool:
+    return bool(redis.Redis.from_url(BROKER).set(f"soak:oom:{task_id}", 1, nx=True))
+
+
 @app.task(name="soak.work", bind=True)
-def work(self, seconds: float) -> int:
-    """Sleep, then count one completed run of this task id."""
+def work(self, seconds: float, oom_mb: int = 0) -> int:
+    """Sleep, then count one completed run of this task id. With ``oom_mb``, its first
+    attempt first fills that much memory (every page written): past its pod's memory
+    limit, the kernel kills it, and the attempt after it runs as any other."""
+    if oom_mb and _first_attempt(self.request.id):
+        b"\x01" * (oom_mb * 2**20)  # every page written: under a smaller limit, the kernel kills it here
     time.sleep(seconds)
     return _count_run(self.request.id, socket.gethostname())

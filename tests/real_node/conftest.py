@@ -17,17 +17,15 @@ from k8s_celery.cluster import collection_path
 from k8s_celery.watch import Watcher
 from k8s_celery.manifest import LABEL_TASK_HASH, task_hash
 from k8s_celery.testing.realnode.images import Image, ImageBuilder
-
-#: Pods of the tests run as the chart runs them: non-root, read-only root, nothing extra.
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                      "capabilities": {"drop": ["ALL"]}}
+from k8s_celery.testing.realnode.pods import CONTAINER_SECURITY, POD_SECURITY
 
 
-#: Tests that stop the session's real node: they run after every other test.
+
+#: Tests that stop the session's real node: they run after every other test, in this order
+#: (the soak starts a real node of its own).
 STOPS_THE_NODE = ("test_stop_removes_everything_the_node_made",
-                  "test_a_node_killed_before_its_clean_up_is_cleaned_up_by_the_next")
+                  "test_a_node_killed_before_its_clean_up_is_cleaned_up_by_the_next",
+                  "test_short_real_node_soak")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
     then sees every Job), and those that stop the node last of all."""
     real = [item for item in items if "real_node" in item.nodeid]
     kueue = [item for item in real if "real_kueue" in getattr(item, "fixturenames", ())]
-    last = [item for item in real if item.originalname in STOPS_THE_NODE]
+    last = sorted((item for item in real if item.originalname in STOPS_THE_NODE),
+                  key=lambda item: STOPS_THE_NODE.index(item.originalname))
     items[:] = [item for item in items if item not in kueue and item not in last] + kueue + last
 
 

@@ -6,19 +6,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import running_pod_of
-from k8s_celery.cluster import object_path
 from k8s_celery.testing import wait_until
+from k8s_celery.testing.realnode.faults import evict
 
 from .conftest import write_real_manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
-
-
-def evict(cluster, namespace: str, name: str, grace_period: int) -> None:
-    """What `kubectl drain --grace-period` does: POST an Eviction for the pod."""
-    cluster.api.create(object_path("pods", namespace, name, "eviction"), {
-        "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace},
-        "deleteOptions": {"gracePeriodSeconds": grace_period}})
 
 
 def test_evicted_pod_is_requeued_and_runs_again(start_real_shim, taskapp, real_cluster, real_namespace,
@@ -28,7 +21,7 @@ def test_evicted_pod_is_requeued_and_runs_again(start_real_shim, taskapp, real_c
     pod = running_pod_of(real_cluster, real_namespace, result.id)
     # A short grace period: the first attempt is killed (SIGKILL after 1 s) whatever it
     # does with SIGTERM, so that only the second attempt can run to its end.
-    evict(real_cluster, real_namespace, pod["metadata"]["name"], grace_period=1)
+    evict(real_cluster.api, real_namespace, pod["metadata"]["name"], grace_period=1)
     assert result.get(timeout=120) == 1
     conditions = [condition for _, _, seen in pod_recorder.of_task(result.id)
                   if seen["metadata"]["name"] == pod["metadata"]["name"]

@@ -11,7 +11,7 @@ from conftest import logs_command, only_kept_jobs, relay_done, running_pod_of
 from k8s_celery.testing import wait_until
 
 from .conftest import write_real_manifest
-from .test_faults import evict
+from k8s_celery.testing.realnode.faults import evict
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 
@@ -65,7 +65,7 @@ def test_oom_killed_and_evicted_attempts_are_relayed_with_their_reasons(start_re
     pod = running_pod_of(real_cluster, real_namespace, evicted.id, timeout=120)
     wait_until(lambda: "attempt 1 of real-evicted starts" in logs_command(
         real_cluster, real_namespace, evicted.id).stdout, timeout=60, message="the first attempt to print")
-    evict(real_cluster, real_namespace, pod["metadata"]["name"], grace_period=1)
+    evict(real_cluster.api, real_namespace, pod["metadata"]["name"], grace_period=1)
     assert evicted.get(timeout=120) == 2
     lines = relay_done(shim, evicted.id, "attempt 2 of real-evicted ends")
     assert any("attempt 1 was lost (" in line and "EvictionByEvictionAPI" in line for line in lines), lines[:3]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import subprocess
 import time
@@ -51,7 +52,7 @@ class RealNode:
     def __init__(self, workdir: Path, *, node_name: str = "real-node", node_address: str = "10.99.0.1",
                  pod_cidr: str = "10.88.0.0/16", service_cidr: str = "10.0.0.0/24",
                  bin_dir: str | Path | None = None, build: bool = True, startup_timeout: float = 120.0,
-                 lock_timeout: float = 900.0):
+                 lock_timeout: float = 900.0, node_lease_seconds: int | None = None):
         require_real_node()
         self.workdir = workdir
         self.node_name = node_name
@@ -60,6 +61,9 @@ class RealNode:
         self.bin_dir = Path(bin_dir) if bin_dir else binaries.node_binary_dir(build=build)
         self.startup_timeout = startup_timeout
         self.lock_timeout = lock_timeout
+        #: The kubelet's lease, and the time the node-lifecycle controller waits for its renewal
+        #: before it marks the node NotReady (``None``: Kubernetes' defaults, 40 s and 50 s).
+        self.node_lease_seconds = node_lease_seconds
         self.network = network.HostNetwork(workdir / "network", node_address=node_address, pod_cidr=pod_cidr,
                                            service_cidr=service_cidr, device="k8scel-node0", bridge="k8scel-br0")
         self.cgroup = CgroupRoot(NODE_CGROUP)
@@ -115,6 +119,12 @@ class RealNode:
         """kube-scheduler of the same release (a LocalCluster process; the node needs it)."""
         return components.scheduler_argv(self.bin_dir, kubeconfig)
 
+    def controller_manager_flags(self) -> dict[str, str]:
+        """How soon the controller manager sees the node stop reporting."""
+        if not self.node_lease_seconds:
+            return {}
+        return {"--node-monitor-grace-period": f"{self.node_lease_seconds}s", "--node-monitor-period": "1s"}
+
     # -- phase 2: the node ---------------------------------------------------------------
 
     def start(self, cluster) -> None:
@@ -126,6 +136,8 @@ class RealNode:
         config = components.kubelet_config(
             node_address=self.node_address, port=self.kubelet_port, ca_cert=self.ca_cert,
             runtime_endpoint=self.containerd.endpoint, cgroup_root=self.cgroup.path, workdir=self.workdir)
+        if self.node_lease_seconds:
+            config["nodeLeaseDurationSeconds"] = self.node_lease_seconds
         self._spawn("kubelet", components.kubelet_argv(self.bin_dir, self.workdir, config, self.node_name,
                                                        self.node_address))
         self._spawn("kube-proxy", components.proxy_argv(self.bin_dir, self.workdir, self.node_name,
@@ -146,6 +158,42 @@ class RealNode:
             for log_file in sorted(directory.glob(f"{container or '*'}/*.log")):
                 texts.append(log_file.read_text(errors="replace"))
         return "".join(texts)
+
+    # -- fault hooks -----------------------------------------------------------------------
+
+    def kill_kubelet(self) -> None:
+        """SIGKILL the kubelet: its containers run on, unwatched, until :meth:`start_kubelet`."""
+        kubelet = self.processes["kubelet"]
+        if kubelet.alive:
+            kubelet.process.kill()
+            kubelet.process.wait()
+
+    def start_kubelet(self) -> None:
+        """Start the kubelet again on the same state (it re-syncs the pods it finds)."""
+        if not self.processes["kubelet"].alive:
+            self.processes["kubelet"].start()
+
+    def restart_containerd(self, downtime: float = 0.0) -> None:
+        """Stop containerd (SIGTERM) and start it again; its shims keep the containers running."""
+        started_at = self.containerd.started_at
+        self.containerd.process.stop(timeout=10)
+        time.sleep(downtime)
+        self.containerd.start()
+        self.containerd.started_at = started_at  # shim sockets of before the restart are its own too
+
+    def container_processes(self, container_id: str) -> set[int]:
+        """The processes in a container's cgroup (``containerID`` of a pod's status, without
+        its ``containerd://``)."""
+        pids: set[int] = set()
+        for directory in self.cgroup.directories():
+            for path, subdirectories, _ in os.walk(directory):
+                if container_id in subdirectories:
+                    try:
+                        pids.update(int(pid) for pid in Path(path, container_id, "cgroup.procs").read_text().split())
+                    except OSError:  # it ended meanwhile
+                        pass
+                    break
+        return pids
 
     # -- phase 3: stop and clean up ------------------------------------------------------
 
