@@ -126,8 +126,9 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
     ``node="real"`` runs the task pods as real containers and injects
     :data:`~.chaos.REAL_NODE_FAULTS`. ``rounds`` injects every kind of fault that many
     times, in random order, and publishes the tasks along the way (a few after each
-    fault); without it, faults drawn at random hit the tasks published at the start
-    until they are all done.
+    fault, and one more whenever all are done while a fault still needs a pod to hit);
+    without it, faults drawn at random hit the tasks published at the start until they
+    are all done.
     """
     rng = random.Random(seed)
     work_dir = Path(tempfile.mkdtemp(prefix="k8s-celery-soak-"))
@@ -185,9 +186,12 @@ def run_soak(tasks: int = 200, duration: float = 120.0, seed: int | None = None,
         deadline = time.monotonic() + duration
         while time.monotonic() < deadline and (plan or plan is None):
             if all(_ready(r) for r in results):
-                if published == tasks:
+                if plan is None:
                     break  # nothing left to hit
-                publish_batch()  # nothing running: the next tasks now
+                if published < tasks:
+                    publish_batch()  # nothing running: the next tasks now
+                else:
+                    publish()  # every task is done while a fault still needs a pod to hit: one more
             fault = plan[0] if plan else rng.choice(kinds)
             if chaos.inject(fault):
                 faults[fault] += 1

@@ -25,7 +25,8 @@ def test_short_real_node_soak(k8s_real_node_session):
     assert effects["container processes SIGKILLed"] >= 1
     assert report.lost == 0
     assert report.worker_exits == 0
-    assert report.completed + report.never_received == report.tasks == 31  # and the OOM task
+    # 30, the OOM task, and one more for each fault that found every task done.
+    assert report.completed + report.never_received == report.tasks >= 31
     assert report.never_received <= 1, "the broker's pop-to-record window is microseconds wide"
     assert report.duplicate_runs == 0
     assert report.leftover_jobs == 0
