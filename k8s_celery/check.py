@@ -23,6 +23,7 @@ REQUIRED_ACCESS = (
     ("batch", "jobs", "patch", "keep a failed task's Job for a post-mortem"),
     ("", "pods", "list", "find a Job's pod on adoption, relist the watch"),
     ("", "pods", "watch", "follow every task pod with one watch"),
+    ("", "pods", "patch", "wake the kubelet for a pod whose payload Secret came after it"),
     ("", "pods/log", "get", "relay a task pod's output into the worker's log"),
     ("", "events", "list", "say what Kubernetes reported about a pod that never ran or was lost"),
     ("", "secrets", "create", "hand each task's payload to its pod"),

@@ -60,7 +60,8 @@ def run_task(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="k8s-celery run-task",
                                      description="Run one task in a pod (used by the Jobs).")
     parser.add_argument("-A", "--app", help="the Celery app (default: $K8S_CELERY_APP)")
-    parser.add_argument("--payload", help="payload file (default: $K8S_CELERY_PAYLOAD)")
+    parser.add_argument("--payload", help="payload file (default: $K8S_CELERY_PAYLOAD_JSON, the payload "
+                        "itself, else the file $K8S_CELERY_PAYLOAD)")
     parser.add_argument("--termination-log", help="where to write the outcome")
     args = parser.parse_args(argv)
     from .runner import run

@@ -98,6 +98,7 @@ class Delivery:
         self.preempted_pods: set[str] = set()  # pods its Job had when it was suspended (preempted)
         self.admission_note: str | None = None  # what Kueue last said of why it is not admitted
         self.secret_missing = False
+        self.pod_woken_at = float("-inf")  # when its pod was last woken for its payload Secret
         self.accepted = False
         self.pod_name: str | None = None
         self.pod_phase: str | None = None

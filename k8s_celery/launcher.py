@@ -30,6 +30,11 @@ from .manifest import (LABEL_ATTEMPT, build_job, build_secret, delivery_selector
 log = logging.getLogger("k8s_celery.pool")
 
 CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
+#: The pod annotation whose update makes the kubelet start a container it could not start
+#: before the payload Secret existed.
+ANNOTATION_PAYLOAD_READY = "k8s-celery.io/payload-ready"
+#: Seconds between two wakes of one delivery's pod (the status may lag the first one).
+WAKE_INTERVAL = 5.0
 
 
 class QuotaExceeded(Exception):
@@ -53,6 +58,8 @@ class Launcher:
         #: Jobs whose outcome this worker handed to Celery in a way Celery may requeue (a
         #: time limit, a Reject with requeue): their delivery coming back runs again.
         self.requeued_jobs: BoundedSet = BoundedSet(10000)
+        #: Cleared at the first 403: the kubelet's own back-off then starts such pods.
+        self.may_patch_pods = True
 
     def launch(self, delivery: Delivery) -> outcomes.Outcome | None:
         """Create or adopt the delivery's Job; ``None`` once a Job is to be tracked, or the
@@ -103,6 +110,31 @@ class Launcher:
             if not exc.conflict:  # 409: created by us (a retried request) or by an earlier delivery
                 raise
         delivery.secret_missing = False
+
+    def wake_pod(self, delivery: Delivery, pod: dict) -> None:
+        """The pod's container could not start because its payload Secret came after it
+        (created late, or by a redelivery): update the pod, so that the kubelet tries again
+        now instead of after its back-off. At most every :data:`WAKE_INTERVAL` seconds."""
+        now = time.monotonic()
+        if not self.may_patch_pods or now - delivery.pod_woken_at < WAKE_INTERVAL:
+            return
+        delivery.pod_woken_at = now
+        name = pod["metadata"]["name"]
+        stamp = datetime.now(timezone.utc).isoformat()  # a new value: an equal one changes nothing
+        try:
+            self.api.patch(object_path("pods", self.namespace, name),
+                           {"metadata": {"annotations": {ANNOTATION_PAYLOAD_READY: stamp}}})
+        except ApiError as exc:
+            if exc.status == 403:
+                self.may_patch_pods = False
+                log.warning("the worker may not patch pods in namespace %s (see `k8s-celery check`): a pod "
+                            "whose payload Secret came after it starts after the kubelet's back-off",
+                            self.namespace)
+            elif not exc.not_found:
+                log.warning("cannot wake pod %s for its payload Secret: %s", name, exc)
+            return
+        log.info("woke pod %s of %s[%s]: its payload Secret is there now", name, delivery.spec.name,
+                 delivery.task_id)
 
     # -- decisions on redelivery -------------------------------------------------------
 

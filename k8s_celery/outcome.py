@@ -253,6 +253,14 @@ def pending_reason(pod: dict | None) -> str:
     return f"pod {(pod.get('status') or {}).get('phase', 'Pending')}"
 
 
+def waits_for_secret(pod: dict | None, name: str) -> bool:
+    """Has the kubelet failed to start the pod's container for want of the Secret ``name``
+    (read into its environment)? It then tries again only after a back-off of 10 s or more."""
+    waiting = container_state(pod).get("waiting") or {} if pod else {}
+    return waiting.get("reason") == "CreateContainerConfigError" \
+        and f'secret "{name}" not found' in (waiting.get("message") or "")
+
+
 def classify(job: dict | None, pod: dict | None, job_deleted: bool = False) -> Outcome | None:
     """Decide the attempt's outcome from its Job and pod, or ``None`` if it is not over.
 

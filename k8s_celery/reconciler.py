@@ -141,6 +141,8 @@ class Reconciler:
                 self.bridge.call(self.reporter.accept, delivery, request)
         if delivery.secret_missing and not job_deleted:
             self._retry_secret(delivery, job)
+        if not delivery.secret_missing and outcomes.waits_for_secret(pod, delivery.spec.secret_name):
+            self.launcher.wake_pod(delivery, pod)
         result = outcomes.classify(job, pod, job_deleted)
         if result is None:
             self._check_clocks(delivery, job, pod)

@@ -30,6 +30,7 @@ from typing import Any
 from kombu.utils.json import loads as json_loads
 
 from . import outcome as outcomes
+from .manifest import PAYLOAD_ENV
 
 log = logging.getLogger("k8s_celery.runner")
 
@@ -37,16 +38,29 @@ DEFAULT_PAYLOAD = "/var/run/k8s-celery/payload.json"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
-def read_payload(path: str) -> dict:
+def read_payload(path: str | None = None) -> dict:
+    """The task's payload: from the file ``path`` if given, else from the environment
+    variable the kubelet filled from the payload Secret, else from the mounted Secret."""
+    if path is None:
+        # Out of the environment, so that the task's own subprocesses do not inherit it.
+        text = os.environ.pop(PAYLOAD_ENV, None)
+        if text is not None:
+            return parse_payload(text.encode(), f"${PAYLOAD_ENV}")
+        path = os.environ.get("K8S_CELERY_PAYLOAD", DEFAULT_PAYLOAD)
     try:
         with open(path, "rb") as handle:
-            payload = json_loads(handle.read())
+            data = handle.read()
     except PermissionError as exc:
         raise PermissionError(f"cannot read the payload {path} as uid {os.getuid()}: it is mounted "
                               "with mode 0440; give the pod securityContext.fsGroup (the Helm chart "
                               "sets 1000) or run it as root") from exc
+    return parse_payload(data, path)
+
+
+def parse_payload(data: bytes, source: str) -> dict:
+    payload = json_loads(data)
     if not isinstance(payload, dict) or payload.get("version") != 1:
-        raise ValueError(f"{path} is not a k8s-celery payload (version 1)")
+        raise ValueError(f"{source} is not a k8s-celery payload (version 1)")
     payload["body"] = base64.b64decode(payload["body"])
     return payload
 
@@ -281,7 +295,6 @@ def run(payload_path: str | None = None, app_name: str | None = None,
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    payload_path = payload_path or os.environ.get("K8S_CELERY_PAYLOAD", DEFAULT_PAYLOAD)
     termination_log = termination_log or os.environ.get("K8S_CELERY_TERMINATION_LOG",
                                                         DEFAULT_TERMINATION_LOG)
     app_name = app_name or os.environ.get("K8S_CELERY_APP")

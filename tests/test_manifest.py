@@ -11,7 +11,8 @@ import pytest
 
 from k8s_celery.config import validate_object
 from k8s_celery.errors import PayloadTooLarge, TaskLaunchError
-from k8s_celery.manifest import (ANNOTATION_TASK_ID, LABEL_DELIVERY, LABEL_TASK_HASH, MANAGED_BY, PAYLOAD_KEY,
+from k8s_celery.manifest import (ANNOTATION_TASK_ID, ENV_PAYLOAD_LIMIT, LABEL_DELIVERY, LABEL_TASK_HASH, MANAGED_BY,
+                                 PAYLOAD_ENV, PAYLOAD_KEY,
                                  TaskSpec, build_job, build_secret, job_name, label_value,
                                  payload_secret_name, task_hash, task_overrides)
 
@@ -72,10 +73,35 @@ def test_job_is_rendered_from_the_template():
     assert container["command"] == ["k8s-celery", "run-task"] and "args" not in container
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["A"] == "1" and env["K8S_CELERY_APP"] == "proj"
-    assert {"name": "k8s-celery-payload", "secret": {"secretName": "payload-1", "defaultMode": 0o440}} \
-        in pod["spec"]["volumes"]
+    payload = next(e for e in container["env"] if e["name"] == PAYLOAD_ENV)
+    assert payload == {"name": PAYLOAD_ENV,
+                       "valueFrom": {"secretKeyRef": {"name": "payload-1", "key": PAYLOAD_KEY}}}
+    assert not pod["spec"]["volumes"] and not container["volumeMounts"], "no volume: the pod starts at once"
     assert payload_secret_name(job) == "payload-1"
     assert TEMPLATE["spec"]["template"]["spec"]["containers"][0]["args"] == ["ignored"], "template mutated"
+
+
+def test_a_payload_too_large_for_the_environment_is_mounted():
+    big = spec(body=b"x" * ENV_PAYLOAD_LIMIT)
+    job = build_job(TEMPLATE, big, "ns", app="proj", runner_command=["r"], ttl_seconds=None)
+    validate_object(job, "rendered", "1.33")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert PAYLOAD_ENV not in {e["name"] for e in container["env"]}
+    assert {"name": "K8S_CELERY_PAYLOAD", "value": "/var/run/k8s-celery/payload.json"} in container["env"]
+    assert pod["volumes"] == [{"name": "k8s-celery-payload",
+                               "secret": {"secretName": "payload-1", "defaultMode": 0o440}}]
+    assert container["volumeMounts"] == [{"name": "k8s-celery-payload", "mountPath": "/var/run/k8s-celery",
+                                          "readOnly": True}]
+    assert payload_secret_name(job) == "payload-1"
+
+
+def test_the_payload_never_appears_in_the_job():
+    marker = "a-private-argument-9f1e"
+    job = build_job(TEMPLATE, spec(body=json.dumps([[marker], {}, {}]).encode()), "ns", app="proj",
+                    runner_command=["r"], ttl_seconds=None)
+    rendered = json.dumps(job)
+    assert marker not in rendered and base64.b64encode(marker.encode()).decode()[:12] not in rendered
 
 
 def test_no_time_limit_means_no_deadline():

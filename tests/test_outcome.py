@@ -161,3 +161,16 @@ def test_a_pod_stopped_by_its_jobs_suspension_is_preempted_even_when_its_end_is_
     finished["metadata"].update(uid="old", creationTimestamp="2026-12-05T03:07:01Z")
     assert not o.preempted(resumed, finished, {"old"})       # it reported: its outcome stands
     assert not o.preempted(resumed, None, set())
+
+
+def test_a_pod_waits_for_its_payload_secret_only_on_the_kubelet_s_config_error_naming_it():
+    def pod(reason, message):
+        return {"spec": {"containers": [{"name": "task"}]},
+                "status": {"containerStatuses": [{"name": "task", "state": {
+                    "waiting": {"reason": reason, "message": message}}}]}}
+
+    assert o.waits_for_secret(pod("CreateContainerConfigError", 'secret "kc-1-abc" not found'), "kc-1-abc")
+    assert not o.waits_for_secret(pod("CreateContainerConfigError", 'secret "other" not found'), "kc-1-abc")
+    assert not o.waits_for_secret(pod("CreateContainerConfigError", 'configmap "kc-1-abc" not found'), "kc-1-abc")
+    assert not o.waits_for_secret(pod("ContainerCreating", ""), "kc-1-abc")
+    assert not o.waits_for_secret(None, "kc-1-abc")

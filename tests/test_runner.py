@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from kombu.serialization import dumps
 
 from k8s_celery import outcome as o
+from k8s_celery.manifest import PAYLOAD_ENV
 
 from conftest import APPS
 
@@ -51,6 +53,19 @@ def run(tmp_path, app, task, args, **extra):
 def test_success(tmp_path, app):
     code, outcome = run(tmp_path, app, "taskapp.add", [2, 3])
     assert code == 0 and outcome.state == o.SUCCESS and outcome.result == "5"
+
+
+def test_the_payload_in_the_environment_is_read_and_not_inherited(tmp_path, app):
+    """As the pod gets it: the kubelet fills K8S_CELERY_PAYLOAD_JSON from the payload Secret.
+    The task (``taskapp.child_environment``) runs a subprocess that must not see it."""
+    payload = (tmp_path / "payload.json")
+    log = tmp_path / "termination-log"
+    text = Path(write_payload(tmp_path, "taskapp.child_environment", [PAYLOAD_ENV])).read_text()
+    payload.unlink()
+    code = subprocess.run([sys.executable, "-m", "k8s_celery", "run-task", "-A", app, "--termination-log", str(log)],
+                          env={**ENV, PAYLOAD_ENV: text}, timeout=60).returncode
+    outcome = o.decode(log.read_text())
+    assert code == 0 and outcome.state == o.SUCCESS and outcome.result == repr(None)
 
 
 def test_failure_carries_the_exception(tmp_path, app):

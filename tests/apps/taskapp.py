@@ -203,6 +203,18 @@ def echo(value):
     return value
 
 
+@app.task(name="taskapp.child_environment")
+def child_environment(name):
+    """The value of the environment variable ``name`` in a subprocess of the task (or ``None``)."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", f"import os; print(os.environ.get({name!r}, '-'))"],
+                           capture_output=True, text=True, check=True)
+    value = child.stdout.strip()
+    return None if value == "-" else value
+
+
 @app.task(name="taskapp.resources", kubernetes={
     "resources": {"limits": {"memory": "64Mi", "cpu": "250m"}},
     "nodeSelector": {"disktype": "ssd"},
