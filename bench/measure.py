@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import yaml
 from kombu.serialization import dumps
 
 from k8s_celery import outcome
 from k8s_celery.cluster import collection_path
-from k8s_celery.manifest import TaskSpec, build_secret, payload_bytes
+from k8s_celery.manifest import ANNOTATION_PAYLOAD_MODE, TaskSpec, build_secret, payload_bytes
 
 from .harness import (NAMESPACE, QUEUE, RAW_NAMESPACE, SHIM_USER, Environment, Shim, Usage, pace,
                       timestamp, wait_for)
@@ -244,6 +245,10 @@ def api_requests(env: Environment, plan: Plan) -> list[Row]:
             env.pods.hold = seconds
             repeats = plan.repeats if seconds < 10 else 1  # long tasks: one run
             per_length[seconds] = [count_requests(env, plan.request_tasks, seconds) for _ in range(repeats)]
+        env.pods.hold = plan.task_seconds[0]
+        with inline_payloads(env):  # the worker reads the edited manifest at the next task
+            run_through(env)
+            inline = [count_requests(env, plan.request_tasks, plan.task_seconds[0]) for _ in range(plan.repeats)]
     short = plan.task_seconds[0]
     totals = {s: Spread.of(sum(run.per_task.values()) for run in runs) for s, runs in per_length.items()}
     rows = []
@@ -261,7 +266,29 @@ def api_requests(env: Environment, plan: Plan) -> list[Row]:
                         if seconds != short else "–",
                         "the same small constant for both; no reads per task",
                         verdict(same and reads <= 0.1)))
+    inline_total = Spread.of(sum(run.per_task.values()) for run in inline)
+    fewer = totals[short].median - inline_total.median
+    rows.append(Row(f"3. API requests per task on a queue with inline payloads (`k8s-celery.io/payload: inline`), "
+                    f"tasks of {short:g} s ({len(inline)} run(s) of {plan.request_tasks} tasks)",
+                    f"{inline_total.format(2)}: {split([run.per_task for run in inline])}",
+                    f"a private payload (the default, same worker): {totals[short].format(2)}",
+                    f"{-fewer:+.2f} a task", "one request fewer than a private payload (no Secret)",
+                    verdict(abs(fewer - 1.0) <= 0.05)))
     return rows
+
+
+@contextmanager
+def inline_payloads(env: Environment) -> Iterator[None]:
+    """The bench queue's manifest annotated for inline payloads, restored on exit."""
+    path = env.manifests / QUEUE / "manifest.yaml"
+    text = path.read_text()
+    manifest = yaml.safe_load(text)
+    manifest.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_PAYLOAD_MODE] = "inline"
+    path.write_text(yaml.safe_dump(manifest))
+    try:
+        yield
+    finally:
+        path.write_text(text)
 
 
 READS = ("get", "list", "watch")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from .errors import ConfigError, ManifestError
+from .manifest import ANNOTATION_PAYLOAD_MODE, PAYLOAD_MODES
 
 MANIFEST_NAMES = ("manifest.json", "manifest.yaml", "manifest.yml")
 MANIFEST_SUFFIXES = (".json", ".yaml", ".yml")
@@ -246,6 +247,10 @@ def validate_job_manifest(manifest: dict, source: str, kubernetes_version: str) 
         raise ManifestError("a suspended Job would never run its task: under Kueue, label the Job "
                             "kueue.x-k8s.io/queue-name and Kueue's webhook suspends it until admission",
                             source=source, field="spec.suspend")
+    mode = ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_PAYLOAD_MODE, "secret")
+    if mode not in PAYLOAD_MODES:
+        raise ManifestError(f"{mode!r} is not a payload mode: {' or '.join(PAYLOAD_MODES)}", source=source,
+                            field=f"metadata.annotations.{ANNOTATION_PAYLOAD_MODE}")
     containers = manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []
     if not containers:
         raise ManifestError("the pod template needs at least one container", source=source,

@@ -24,8 +24,8 @@ from . import outcome as outcomes
 from .cluster import ApiError, KubeApi, collection_path, object_path
 from .config import ManifestStore, Settings
 from .deliveries import Delivery, redelivered
-from .manifest import (LABEL_ATTEMPT, build_job, build_secret, delivery_selector, kept, payload_secret_name,
-                       task_overrides)
+from .manifest import (LABEL_ATTEMPT, build_job, build_secret, check_inline_payload, delivery_selector, kept,
+                       payload_inline, payload_secret_name, task_overrides)
 
 log = logging.getLogger("k8s_celery.pool")
 
@@ -67,7 +67,11 @@ class Launcher:
         spec = delivery.spec
         template = self.manifests.load(spec.queue)
         spec.overrides = task_overrides(self.app.tasks.get(spec.name))
-        build_secret(spec, self.namespace)  # fail oversized payloads before creating anything
+        # Fail oversized payloads before creating anything.
+        if payload_inline(template):
+            check_inline_payload(spec)
+        else:
+            build_secret(spec, self.namespace)
         if not redelivered(spec.request):
             if self._create(delivery, template, exclusive=True):
                 return None
@@ -97,8 +101,11 @@ class Launcher:
         return max(pods, key=lambda p: p["metadata"]["creationTimestamp"], default=None)
 
     def ensure_secret(self, delivery: Delivery, job: dict) -> None:
-        """Create the payload Secret the Job's pods mount, owned by the Job."""
+        """Create the payload Secret the Job's pods read, owned by the Job (none for a Job
+        whose payload is inline)."""
         spec = delivery.spec
+        if payload_inline(job):
+            return
         spec.secret_name = payload_secret_name(job) or spec.secret_name or spec.job_name
         spec.launched_at = spec.launched_at or job["metadata"].get("creationTimestamp")
         secret = build_secret(spec, self.namespace, job_uid=job["metadata"]["uid"])

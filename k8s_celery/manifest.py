@@ -9,6 +9,11 @@ environment variable the kubelet fills from the Secret (``secretKeyRef``), or, a
 :data:`ENV_PAYLOAD_LIMIT`, from the Secret mounted as a volume: a pod with a volume
 starts only once the kubelet's volume manager reports it mounted, about 300 ms later on a
 real node, while an environment variable costs nothing measurable.
+
+A queue whose Job manifest is annotated ``k8s-celery.io/payload: inline`` opts out of the
+Secret: the payload goes in an annotation of the pod template, which the kubelet hands to
+the container through the downward API. One request less per task and no Secret to wait
+for, but whoever may read the queue's Jobs or pods reads its payloads.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ ANNOTATION_TASK_NAME = "k8s-celery.io/task-name"
 ANNOTATION_QUEUE = "k8s-celery.io/queue"
 #: Until when a failed or lost attempt's Job is kept for a post-mortem (ISO 8601, UTC).
 ANNOTATION_KEEP_UNTIL = "k8s-celery.io/keep-until"
+#: On a queue's Job manifest: how its payloads travel, ``secret`` (the default) or ``inline``.
+ANNOTATION_PAYLOAD_MODE = "k8s-celery.io/payload"
+PAYLOAD_MODES = ("secret", "inline")
+#: On an inline queue's pods: the payload itself.
+ANNOTATION_PAYLOAD = "k8s-celery.io/payload-json"
 
 PAYLOAD_KEY = "payload.json"
 PAYLOAD_VOLUME = "k8s-celery-payload"
@@ -180,6 +190,23 @@ def build_secret(spec: TaskSpec, namespace: str, job_uid: str | None = None) -> 
             "data": {PAYLOAD_KEY: base64.b64encode(payload).decode()}}
 
 
+def payload_inline(template_or_job: dict) -> bool:
+    """Does the queue of this Job manifest (or a Job rendered from it) pass payloads inline?"""
+    annotations = (template_or_job.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(ANNOTATION_PAYLOAD_MODE) == "inline"
+
+
+def check_inline_payload(spec: TaskSpec, size: int | None = None) -> None:
+    """Refuse a payload too large for an inline queue's pod environment."""
+    size = len(payload_bytes(spec)) if size is None else size
+    if size > ENV_PAYLOAD_LIMIT:
+        raise PayloadTooLarge(
+            f"task {spec.name}[{spec.task_id}] payload is {size} bytes; queue {spec.queue!r} passes "
+            f"payloads inline ({ANNOTATION_PAYLOAD_MODE}: inline), which holds at most {ENV_PAYLOAD_LIMIT} "
+            "bytes. Pass large data by reference, or drop the annotation so that its payloads travel "
+            "in Secrets (up to 1 MiB).")
+
+
 def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None,
               runner_command: list[str], ttl_seconds: float | None) -> dict:
     """Render the queue's Job template for one task delivery."""
@@ -219,7 +246,13 @@ def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None
     mounts = [m for m in container.get("volumeMounts") or [] if m.get("name") != PAYLOAD_VOLUME]
     volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != PAYLOAD_VOLUME]
     secret_name = spec.secret_name or spec.job_name
-    if len(payload_bytes(spec)) <= ENV_PAYLOAD_LIMIT:
+    payload = payload_bytes(spec)
+    if payload_inline(template):
+        check_inline_payload(spec, len(payload))
+        pod_meta["annotations"][ANNOTATION_PAYLOAD] = payload.decode()
+        env.append({"name": PAYLOAD_ENV, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{ANNOTATION_PAYLOAD}']"}}})
+    elif len(payload) <= ENV_PAYLOAD_LIMIT:
         env.append({"name": PAYLOAD_ENV,
                     "valueFrom": {"secretKeyRef": {"name": secret_name, "key": PAYLOAD_KEY}}})
     else:
@@ -233,7 +266,8 @@ def build_job(template: dict, spec: TaskSpec, namespace: str, *, app: str | None
 
 
 def payload_secret_name(job: dict) -> str | None:
-    """The name of the payload Secret a Job's pods read (in their environment or mounted)."""
+    """The name of the payload Secret a Job's pods read (in their environment or mounted);
+    ``None`` for a Job whose payload is inline."""
     pod_spec = job.get("spec", {}).get("template", {}).get("spec", {})
     for container in pod_spec.get("containers") or []:
         for var in container.get("env") or []:

@@ -9,13 +9,15 @@ from kombu.serialization import dumps
 
 from .config import ManifestStore, Settings
 from .deliveries import delivery_key
-from .manifest import PAYLOAD_KEY, TaskSpec, build_job, build_secret, task_overrides
+from .manifest import (ANNOTATION_PAYLOAD, PAYLOAD_KEY, TaskSpec, build_job, build_secret, payload_inline,
+                       task_overrides)
 from .runner import load_app
 
 
 def render_task(app_name: str, queue: str, task_name: str, args: list, kwargs: dict, task_id: str,
                 manifests_dir: str | None = None, namespace: str | None = None) -> list[dict]:
-    """The Job and the Secret (data redacted) for one call of ``task_name``."""
+    """The Job and the Secret (data redacted) for one call of ``task_name``; only the Job
+    (its payload annotation redacted) for a queue whose payloads are inline."""
     from celery.worker.request import Request
 
     app = load_app(app_name)
@@ -42,6 +44,10 @@ def render_task(app_name: str, queue: str, task_name: str, args: list, kwargs: d
     spec.secret_name = f"{spec.job_name}-{secrets.token_hex(3)}"  # random per launch
     job = build_job(ManifestStore(settings).load(queue), spec, namespace, app=app_name,
                     runner_command=settings.runner_command, ttl_seconds=settings.job_ttl)
+    if payload_inline(job):
+        annotations = job["spec"]["template"]["metadata"]["annotations"]
+        annotations[ANNOTATION_PAYLOAD] = f"<redacted: {len(annotations[ANNOTATION_PAYLOAD])} bytes>"
+        return [job]
     secret = build_secret(spec, namespace, job_uid="<uid of the Job>")
     secret["data"] = {PAYLOAD_KEY: f"<redacted: {len(secret['data'][PAYLOAD_KEY])} base64 bytes>"}
     return [job, secret]

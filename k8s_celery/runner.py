@@ -30,7 +30,7 @@ from typing import Any
 from kombu.utils.json import loads as json_loads
 
 from . import outcome as outcomes
-from .manifest import PAYLOAD_ENV
+from .manifest import ANNOTATION_PAYLOAD, PAYLOAD_ENV
 
 log = logging.getLogger("k8s_celery.runner")
 
@@ -44,6 +44,9 @@ def read_payload(path: str | None = None) -> dict:
     if path is None:
         # Out of the environment, so that the task's own subprocesses do not inherit it.
         text = os.environ.pop(PAYLOAD_ENV, None)
+        if text == "":
+            raise ValueError(f"${PAYLOAD_ENV} is empty: this pod was given no payload (its pod template "
+                             f"lacks the annotation {ANNOTATION_PAYLOAD}?)")
         if text is not None:
             return parse_payload(text.encode(), f"${PAYLOAD_ENV}")
         path = os.environ.get("K8S_CELERY_PAYLOAD", DEFAULT_PAYLOAD)

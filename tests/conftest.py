@@ -46,12 +46,13 @@ def taskapp(broker_url, redis_server):
 
 def write_manifest(directory: Path, queue: str, broker_url: str, image: str = IMAGE,
                    extra_env: list | None = None, sidecars: list | None = None,
-                   job_labels: dict | None = None, **pod_spec) -> Path:
+                   job_labels: dict | None = None, job_annotations: dict | None = None, **pod_spec) -> Path:
     """A queue's Job manifest running the test app; ``sidecars`` are more containers
     after the task's (later in the list, whatever their names)."""
     manifest = {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"labels": {"app": "taskapp", **(job_labels or {})}},
+        "metadata": {"labels": {"app": "taskapp", **(job_labels or {})},
+                     **({"annotations": job_annotations} if job_annotations else {})},
         "spec": {"template": {"spec": {
             "containers": [{
                 "name": "task", "image": image,

@@ -32,6 +32,18 @@ def test_render_prints_job_and_redacted_secret(tmp_path):
     assert secret["kind"] == "Secret" and secret["data"]["payload.json"].startswith("<redacted")
 
 
+def test_render_of_an_inline_queue_prints_the_job_alone_its_payload_redacted(tmp_path):
+    write_manifest(tmp_path, "kubernetes", "redis://broker:6379/0",
+                   job_annotations={"k8s-celery.io/payload": "inline"})
+    done = k8s_celery("render", "-A", "taskapp", "--queue", "kubernetes", "--task", "taskapp.echo",
+                      "--args", '["not secret"]', "--manifests", str(tmp_path), "--namespace", "jobs")
+    assert done.returncode == 0, done.stderr
+    [job] = yaml.safe_load_all(done.stdout)
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["k8s-celery.io/payload-json"].startswith("<redacted: ")
+    assert "not secret" not in done.stdout
+
+
 def test_render_unknown_task_is_a_clear_error(tmp_path):
     write_manifest(tmp_path, "kubernetes", "redis://broker:6379/0")
     done = k8s_celery("render", "-A", "taskapp", "--queue", "kubernetes", "--task", "nope",

@@ -89,6 +89,9 @@ def test_missing_manifest_names_the_expected_path(tmp_path):
      "spec.template.spec.containers.0.resources.limits.cpu", "[]"),
     (json.dumps({**JOB, "spec": {"suspend": True, "template": {"spec": {"containers": [{"name": "t", "image": "i"}]}}}}),
      "spec.suspend", "a suspended Job would never run its task: under Kueue, label the Job kueue.x-k8s.io/queue-name"),
+    (json.dumps({**JOB, "metadata": {"annotations": {"k8s-celery.io/payload": "plain"}},
+                 "spec": {"template": {"spec": {"containers": [{"name": "t", "image": "i"}]}}}}),
+     "metadata.annotations.k8s-celery.io/payload", "'plain' is not a payload mode: secret or inline"),
 ])
 def test_invalid_manifests_say_file_field_and_reason(tmp_path, text, field, reason):
     (tmp_path / "q").mkdir()

@@ -12,7 +12,7 @@ import pytest
 from k8s_celery.config import validate_object
 from k8s_celery.errors import PayloadTooLarge, TaskLaunchError
 from k8s_celery.manifest import (ANNOTATION_TASK_ID, ENV_PAYLOAD_LIMIT, LABEL_DELIVERY, LABEL_TASK_HASH, MANAGED_BY,
-                                 PAYLOAD_ENV, PAYLOAD_KEY,
+                                 ANNOTATION_PAYLOAD, ANNOTATION_PAYLOAD_MODE, PAYLOAD_ENV, PAYLOAD_KEY, payload_inline,
                                  TaskSpec, build_job, build_secret, job_name, label_value,
                                  payload_secret_name, task_hash, task_overrides)
 
@@ -94,6 +94,23 @@ def test_a_payload_too_large_for_the_environment_is_mounted():
     assert container["volumeMounts"] == [{"name": "k8s-celery-payload", "mountPath": "/var/run/k8s-celery",
                                           "readOnly": True}]
     assert payload_secret_name(job) == "payload-1"
+
+
+def test_an_inline_queue_s_payload_is_an_annotation_of_its_pods():
+    template = {**TEMPLATE, "metadata": {**TEMPLATE["metadata"],
+                                         "annotations": {ANNOTATION_PAYLOAD_MODE: "inline"}}}
+    job = build_job(template, spec(), "ns", app="proj", runner_command=["r"], ttl_seconds=None)
+    validate_object(job, "rendered", "1.33")
+    assert payload_inline(job) and payload_secret_name(job) is None
+    pod = job["spec"]["template"]
+    payload = json.loads(pod["metadata"]["annotations"][ANNOTATION_PAYLOAD])
+    assert payload["id"] == spec().task_id and base64.b64decode(payload["body"]) == spec().body
+    [env] = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == PAYLOAD_ENV]
+    assert env["valueFrom"] == {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_PAYLOAD}']"}}
+    assert not pod["spec"]["volumes"]
+    with pytest.raises(PayloadTooLarge, match="inline"):
+        build_job(template, spec(body=b"x" * ENV_PAYLOAD_LIMIT), "ns", app="proj", runner_command=["r"],
+                  ttl_seconds=None)
 
 
 def test_the_payload_never_appears_in_the_job():

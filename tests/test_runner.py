@@ -68,6 +68,15 @@ def test_the_payload_in_the_environment_is_read_and_not_inherited(tmp_path, app)
     assert code == 0 and outcome.state == o.SUCCESS and outcome.result == repr(None)
 
 
+def test_an_empty_payload_in_the_environment_fails_the_task_saying_so(tmp_path, app):
+    log = tmp_path / "termination-log"
+    code = subprocess.run([sys.executable, "-m", "k8s_celery", "run-task", "-A", app, "--termination-log", str(log)],
+                          env={**ENV, PAYLOAD_ENV: ""}, timeout=60).returncode
+    outcome = o.decode(log.read_text())
+    assert code == 2 and outcome.state == o.FAILURE and outcome.not_run
+    assert "is empty: this pod was given no payload" in outcome.traceback
+
+
 def test_failure_carries_the_exception(tmp_path, app):
     code, outcome = run(tmp_path, app, "taskapp.fail", ["bad"])
     assert code == 1 and outcome.state == o.FAILURE

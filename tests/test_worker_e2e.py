@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from conftest import jobs_in, running_pod_of
+from conftest import jobs_in, running_pod_of, write_manifest
 from k8s_celery.cluster import collection_path
-from k8s_celery.manifest import (ANNOTATION_TASK_ID, LABEL_QUEUE, LABEL_TASK_HASH, MANAGED_BY, payload_secret_name,
+from k8s_celery.manifest import (ANNOTATION_PAYLOAD, ANNOTATION_PAYLOAD_MODE, ANNOTATION_TASK_ID, ENV_PAYLOAD_LIMIT,
+                                 LABEL_QUEUE, LABEL_TASK_HASH, MANAGED_BY, MANAGED_SELECTOR, payload_secret_name,
                                  task_hash)
 from k8s_celery.testing import wait_until
 
@@ -35,6 +36,25 @@ def test_result_arrives_and_job_carries_labels(start_shim, taskapp, k8s_cluster,
     assert result.get(timeout=60) == 2
     add = taskapp.add.delay(2, 3)
     assert add.get(timeout=60) == 5
+
+
+def test_an_inline_queue_needs_no_secret_and_refuses_a_payload_too_large_for_it(
+        start_shim, taskapp, k8s_cluster, k8s_namespace, manifests, broker_url):
+    write_manifest(manifests, "kubernetes", broker_url, job_annotations={ANNOTATION_PAYLOAD_MODE: "inline"})
+    shim = start_shim()
+    marker = "inline-argument-5d2e"
+    result = taskapp.echo.delay(marker)
+    job = wait_until(lambda: next(iter(jobs_in(k8s_cluster, k8s_namespace)), None), message="a Job")
+    assert marker in job["spec"]["template"]["metadata"]["annotations"][ANNOTATION_PAYLOAD]
+    assert result.get(timeout=60) == marker
+    secrets, _ = k8s_cluster.api.list(collection_path("secrets", k8s_namespace), label_selector=MANAGED_SELECTOR)
+    assert secrets == []
+    big = taskapp.echo.delay("x" * ENV_PAYLOAD_LIMIT)
+    with pytest.raises(Exception) as raised:
+        big.get(timeout=60)
+    assert type(raised.value).__name__ == "PayloadTooLarge" and "inline" in str(raised.value)
+    assert taskapp.add.delay(20, 22).get(timeout=60) == 42, "the worker goes on"
+    assert "PayloadTooLarge" in shim.log()
 
 
 def unacked(redis_server) -> int:

@@ -1,6 +1,7 @@
 """The payload's ways into a real container: the environment (from the payload Secret) for
-most tasks, the Secret mounted for payloads too large for it, and a Secret that came after
-the pod, which the kubelet would otherwise start only after its back-off."""
+most tasks, the Secret mounted for payloads too large for it, a Secret that came after the
+pod, which the kubelet would otherwise start only after its back-off, and an inline queue's
+payload through the downward API."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 
 from k8s_celery.cluster import collection_path, object_path
 from k8s_celery.launcher import ANNOTATION_PAYLOAD_READY
-from k8s_celery.manifest import ENV_PAYLOAD_LIMIT, PAYLOAD_ENV
+from k8s_celery.manifest import (ANNOTATION_PAYLOAD, ANNOTATION_PAYLOAD_MODE, ENV_PAYLOAD_LIMIT, MANAGED_SELECTOR,
+                                 PAYLOAD_ENV)
 from k8s_celery.testing import wait_until
+
+from .conftest import write_real_manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 
@@ -77,3 +81,20 @@ def test_a_pod_whose_secret_came_late_is_woken(start_real_shim, taskapp, real_cl
     started, _ = wait_until(lambda: pod_recorder.first(result.id, running), message="the container's start")
     assert started >= woken[0], "the container started after the wake, not before it"
     assert "woke pod" in shim.log()
+
+
+def test_an_inline_queue_s_payload_reaches_the_container_through_the_downward_api(
+        start_real_shim, taskapp, real_cluster, real_namespace, pod_recorder, tmp_path, pod_broker_url,
+        taskapp_image):
+    manifests = tmp_path / "inline-manifests"
+    write_real_manifest(manifests, "kubernetes", pod_broker_url, taskapp_image.name,
+                        annotations={ANNOTATION_PAYLOAD_MODE: "inline"})
+    start_real_shim(manifests=manifests)
+    marker = "inline-argument-0b7f"
+    result = taskapp.echo.delay(marker)
+    assert result.get(timeout=120) == marker
+    pod = task_pod(pod_recorder, result.id)
+    assert marker in pod["metadata"]["annotations"][ANNOTATION_PAYLOAD]
+    secrets, _ = real_cluster.api.list(collection_path("secrets", real_namespace), label_selector=MANAGED_SELECTOR)
+    assert secrets == []
+    assert taskapp.child_environment.delay(PAYLOAD_ENV).get(timeout=120) is None
