@@ -1,8 +1,8 @@
 """``python -m bench``: run the benchmark of issue 7 and print its table.
 
 Starts its own Redis and local control plane (the process kubelet in simulation
-mode for measurements 1-5, running real pods for 6, a real node for 7 when this
-machine can run one, Kueue's manager for 8) and prints one markdown table: each
+mode for measurements 1-5, running real pods for 6, a real node for 7 and 9 when
+this machine can run one, Kueue's manager for 8) and prints one markdown table: each
 figure as the median over the runs with the range in brackets (8: one run).
 """
 
@@ -24,7 +24,7 @@ from typing import Sequence
 from k8s_celery.testing.redis import RedisServer
 from k8s_celery.testing.requirements import real_node_unavailable
 
-from . import realnode
+from . import burst, realnode
 from .harness import ROOT, environment
 from .measure import RAISED, Plan, Row, api_requests, latency, pod_side, throughput
 from .output import pod_output
@@ -32,9 +32,10 @@ from .queued import queued
 from .stats import markdown_table
 
 MEASUREMENTS = {"latency": latency, "requests": api_requests, "throughput": throughput, "output": pod_output}
-#: Measurements with an environment of their own: the process kubelet's real pods, a real node,
-#: a cluster running Kueue.
-OWN_ENVIRONMENT = ("pod", "realnode", "kueue")
+#: Measurements with an environment of their own: the process kubelet's real pods, a real node
+#: (one task at a time, then bursts), a cluster running Kueue.
+OWN_ENVIRONMENT = ("pod", "realnode", "burst", "kueue")
+ON_THE_REAL_NODE = ("realnode", "burst")
 
 
 def machine() -> str:
@@ -89,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         plan.repeats = args.repeats
     chosen = args.only or [*MEASUREMENTS, *OWN_ENVIRONMENT]
     notes: list[str] = []
-    if "realnode" in chosen and (reason := real_node_unavailable()):
+    if set(ON_THE_REAL_NODE) & set(chosen) and (reason := real_node_unavailable()):
         if args.only:
             print(f"cannot measure on a real node: {reason}", file=sys.stderr)
             return 2
-        chosen.remove("realnode")
-        notes.append(f"not measured on a real node (7): {reason}")
+        chosen = [name for name in chosen if name not in ON_THE_REAL_NODE]
+        notes.append(f"not measured on a real node (7, 9): {reason}")
     workdir = Path(tempfile.mkdtemp(prefix="k8s-celery-bench-"))
     started, load, rows = time.monotonic(), os.getloadavg()[0], []
     try:
@@ -113,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("measuring tasks queued in Kueue …", file=sys.stderr, flush=True)
                 with environment(workdir / "kueue", redis, simulate=True, kueue=True) as env:
                     rows += queued(env, plan)
-            if "realnode" in chosen:
+            if set(ON_THE_REAL_NODE) & set(chosen):
                 print("measuring on a real node (waits while another real node runs) …", file=sys.stderr,
                       flush=True)
                 with realnode.node_environment(workdir / "realnode", redis) as env:
-                    rows += realnode.measure(env, plan)
+                    if "realnode" in chosen:
+                        rows += realnode.measure(env, plan)
+                    if "burst" in chosen:
+                        rows += burst.measure(env, plan)
     finally:
         if args.keep:
             print(f"work directory: {workdir}", file=sys.stderr)

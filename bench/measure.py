@@ -67,13 +67,16 @@ class Plan:
     pod_runs: int = 5
     node_runs: int = 3      # measurement 7 (real node): runs
     node_samples: int = 8   # … of this many rounds, each with one task or Job of every kind
+    burst_size: int = 50    # measurement 9 (real node): tasks (or bare Jobs) at once
+    burst_runs: int = 3     # … bursts of each
     queued: int = 1000      # measurement 8 (Kueue): tasks held queued
     queued_window: float = 60.0  # … and how long they wait
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(repeats=1, rates=((1, 5), (10, 30), (50, 100)), request_tasks=10, task_seconds=(1, 10),
-                   backlog=200, pod_runs=2, node_runs=1, node_samples=2, queued=200, queued_window=15.0)
+                   backlog=200, pod_runs=2, node_runs=1, node_samples=2, burst_size=10, burst_runs=1,
+                   queued=200, queued_window=15.0)
 
 
 # -- shared steps -------------------------------------------------------------------------

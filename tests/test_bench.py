@@ -228,3 +228,15 @@ def test_the_relay_header_of_a_success_is_what_the_bench_counts():
 
     header = f"bench.noop[id] pod kc-x-1-abcde attempt 1 {describe(outcome.Outcome(outcome.SUCCESS))}; its output:"
     assert RELAYED.search(header)
+
+
+def test_burst_row_pairs_the_bursts_run_by_run():
+    from bench.burst import Burst, rows as burst_rows
+
+    bursts = [Burst(SHIM, 12.0, 12.1), Burst(IMPORT, 10.0), Burst(IMPORT, 11.0), Burst(SHIM, 11.0, 11.2)]
+    [row] = burst_rows(bursts, 50, 4, 0.5, 1.5)
+    assert row.ratio.startswith("1.1") and row.met == "yes"  # 12/10 and 11/11: median 1.10
+    assert "50 no-op tasks at once" in row.measurement and "2 burst(s) of each" in row.measurement
+    assert "4 threads of the official client" in row.reference
+    [slow] = burst_rows([Burst(SHIM, 14.0, 14.5), Burst(IMPORT, 10.0)], 50, 4, 0.5, 1.5)
+    assert slow.met == "no" and slow.ratio.startswith("1.40")
