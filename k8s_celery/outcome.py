@@ -256,7 +256,7 @@ def pending_reason(pod: dict | None) -> str:
 def waits_for_secret(pod: dict | None, name: str) -> bool:
     """Has the kubelet failed to start the pod's container for want of the Secret ``name``
     (read into its environment)? It then tries again only after a back-off of 10 s or more."""
-    waiting = container_state(pod).get("waiting") or {} if pod else {}
+    waiting = (container_state(pod).get("waiting") or {}) if pod else {}
     return waiting.get("reason") == "CreateContainerConfigError" \
         and f'secret "{name}" not found' in (waiting.get("message") or "")
 
