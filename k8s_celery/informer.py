@@ -65,6 +65,10 @@ def slim_pod(pod: dict) -> dict:
             "status": slim_status}
 
 
+def _delivery_of(slim_job: dict) -> str | None:
+    return slim_job["metadata"].get("labels", {}).get(LABEL_DELIVERY)
+
+
 def _metadata(obj: dict) -> dict:
     metadata = obj.get("metadata") or {}
     return {key: metadata[key] for key in KEPT_METADATA if key in metadata}
@@ -90,6 +94,7 @@ class ObjectCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[str, dict] = {}                     # uid -> slim Job
+        self._jobs_by_delivery: dict[str, dict[str, None]] = {}  # delivery key -> live Job uids
         self._deleted_jobs: dict[str, tuple[dict, float]] = {}
         self._pods: dict[str, dict] = {}                     # uid -> slim pod (live or deleted)
         self._deleted_pods: dict[str, float] = {}            # uid -> when deleted
@@ -125,8 +130,7 @@ class ObjectCache:
     def jobs_of_delivery(self, delivery: str) -> list[dict]:
         """The live Jobs (every attempt) labelled with ``delivery``'s key."""
         with self._lock:
-            return [job for job in self._jobs.values()
-                    if job["metadata"].get("labels", {}).get(LABEL_DELIVERY) == delivery]
+            return [self._jobs[uid] for uid in self._jobs_by_delivery.get(delivery, ())]
 
     def jobs(self) -> list[dict]:
         """Every live Job of the worker's namespace, as the watch last showed it."""
@@ -141,15 +145,25 @@ class ObjectCache:
 
     def put_job(self, job: dict) -> None:
         slim = slim_job(job)
+        uid = slim["metadata"]["uid"]
         with self._lock:
-            self._jobs[slim["metadata"]["uid"]] = slim
+            self._jobs[uid] = slim
+            delivery = _delivery_of(slim)
+            if delivery:
+                self._jobs_by_delivery.setdefault(delivery, {})[uid] = None
 
     def delete_job(self, job: dict) -> None:
         slim = slim_job(job)
+        uid = slim["metadata"]["uid"]
         with self._lock:
-            uid = slim["metadata"]["uid"]
             self._jobs.pop(uid, None)
             self._deleted_jobs[uid] = (slim, self._clock())
+            delivery = _delivery_of(slim)
+            uids = self._jobs_by_delivery.get(delivery)
+            if uids is not None:
+                uids.pop(uid, None)
+                if not uids:
+                    del self._jobs_by_delivery[delivery]
 
     def replace_jobs(self, jobs: list[dict]) -> set[str]:
         """A fresh list: Jobs the cache held and the list lacks were deleted meanwhile.

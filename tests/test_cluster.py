@@ -19,6 +19,28 @@ def test_transient_and_client_errors():
     assert not ApiError(403, "Forbidden").retryable and not ApiError(422, "Invalid").retryable
 
 
+def test_the_bearer_token_is_asked_of_the_configuration_at_most_every_auth_ttl(monkeypatch):
+    from kubernetes import client as k8s_client
+
+    from k8s_celery import cluster
+
+    tokens = iter(["Bearer one", "Bearer two"])
+    asked = []
+
+    def refresh(configuration):  # as the client's own hook: a rotated or expired token
+        asked.append(1)
+        configuration.api_key["BearerToken"] = next(tokens)
+
+    configuration = k8s_client.Configuration(host="https://127.0.0.1:6443", api_key={"BearerToken": "Bearer zero"})
+    configuration.refresh_api_key_hook = refresh
+    monkeypatch.setattr(cluster, "AUTH_TTL", 0.2)
+    api = KubeApi(configuration)
+    assert {api._headers()["Authorization"] for _ in range(100)} == {"Bearer one"}
+    assert len(asked) == 1
+    wait_until(lambda: api._headers()["Authorization"] == "Bearer two", timeout=5)
+    assert len(asked) == 2
+
+
 @pytest.mark.cluster
 def test_client_errors_are_not_retried(k8s_cluster, k8s_namespace, caplog):
     api = KubeApi(load_configuration(str(k8s_cluster.kubeconfig), in_cluster=False),

@@ -111,3 +111,20 @@ def test_a_delivery_s_jobs_are_found_in_the_cache_with_what_clean_up_and_the_swe
     cache.delete_job(second)
     assert [j["metadata"]["name"] for j in cache.jobs_of_delivery("d-1")] == ["kc-1"]
     assert sorted(j["metadata"]["name"] for j in cache.jobs()) == ["kc-1", "kc-3"]
+
+
+def test_jobs_of_a_delivery_follow_relists_and_are_forgotten_with_their_last_job():
+    from k8s_celery.manifest import LABEL_DELIVERY
+
+    cache = ObjectCache()
+    attempts = [job(f"kc-{n}", f"uid-{n}") for n in (1, 2)]
+    for each in attempts:
+        each["metadata"]["labels"] = {LABEL_DELIVERY: "d-1"}
+        cache.put_job(each)
+    cache.put_job(attempts[0])  # a later event of the same Job
+    assert [j["metadata"]["name"] for j in cache.jobs_of_delivery("d-1")] == ["kc-1", "kc-2"]
+    cache.replace_jobs([attempts[1]])  # a relist without the first attempt
+    assert [j["metadata"]["name"] for j in cache.jobs_of_delivery("d-1")] == ["kc-2"]
+    cache.delete_job(attempts[1])
+    assert cache.jobs_of_delivery("d-1") == []
+    assert cache._jobs_by_delivery == {}
