@@ -79,6 +79,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=[*MEASUREMENTS, *OWN_ENVIRONMENT],
                         help="run only these measurements (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, audit log)")
+    parser.add_argument("--profile", action="store_true",
+                        help="throughput: sample the shim with py-spy while it launches the first backlog, "
+                             "and add a row of where its CPU goes (needs py-spy)")
     return parser.parse_args(argv)
 
 
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.repeats:
         plan.repeats = args.repeats
+    plan.profile = args.profile
     chosen = args.only or [*MEASUREMENTS, *OWN_ENVIRONMENT]
     notes: list[str] = []
     if set(ON_THE_REAL_NODE) & set(chosen) and (reason := real_node_unavailable()):

@@ -27,6 +27,7 @@ from k8s_celery.manifest import ANNOTATION_PAYLOAD_MODE, TaskSpec, build_secret,
 
 from .harness import (NAMESPACE, QUEUE, RAW_NAMESPACE, SHIM_USER, Environment, Shim, Usage, pace,
                       timestamp, wait_for)
+from .profile import Profile, Sampler
 from .stats import Spread, percentile, ratios, spread_of_percentile, steady_rate
 
 #: Where a figure is about the shim's own speed rather than about its throttles, the
@@ -71,6 +72,7 @@ class Plan:
     burst_runs: int = 3     # … bursts of each
     queued: int = 1000      # measurement 8 (Kueue): tasks held queued
     queued_window: float = 60.0  # … and how long they wait
+    profile: bool = False   # measurement 4: sample the worker with py-spy in the first run
 
     @classmethod
     def quick(cls) -> Plan:
@@ -347,17 +349,18 @@ class BacklogRun:
     idle: Usage
     full: Usage
     done: Usage
+    profile: Profile | None = None
 
 
 def throughput(env: Environment, plan: Plan) -> list[Row]:
     """Jobs/s with a backlog against raw concurrent creates; the shim's footprint at that backlog."""
     jobs_only, pairs, raw_cpu, shim = [], [], [], []
-    for _ in range(plan.repeats):
+    for repeat in range(plan.repeats):
         jobs_only.append(raw_create_rate(env, plan, with_secret=False)[0])
         rate, cpu = raw_create_rate(env, plan, with_secret=True)
         pairs.append(rate)
         raw_cpu.append(cpu * MS)
-        shim.append(backlog_run(env, plan.backlog))
+        shim.append(backlog_run(env, plan.backlog, profile=plan.profile and repeat == 0))
     rates = [run.rate for run in shim]
     ratio = ratios(rates, pairs)
     return [
@@ -367,7 +370,13 @@ def throughput(env: Environment, plan: Plan) -> list[Row]:
             f"{ratio.format(2)}× (Job + Secret); {ratios(rates, jobs_only).format(2)}× (Jobs alone)",
             "≥ 0.9× the ceiling", verdict(ratio.median >= 0.9)),
         *footprint_rows(shim, plan.backlog, Spread.of(raw_cpu)),
+        *[profile_row(run.profile, plan.backlog) for run in shim if run.profile],
     ]
+
+
+def profile_row(profile: Profile, backlog: int) -> Row:
+    return Row(f"4. the shim's Python work while it launches a backlog of {backlog}, by part (py-spy --gil, "
+               "ms a task)", profile.describe(backlog), "–", "–", "–", "–")
 
 
 def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[float, float]:
@@ -395,8 +404,9 @@ def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[fl
     return rate, cpu
 
 
-def backlog_run(env: Environment, backlog: int) -> BacklogRun:
-    """A fresh shim: idle usage, a backlog released at once, usage with all of it running, then done."""
+def backlog_run(env: Environment, backlog: int, profile: bool = False) -> BacklogRun:
+    """A fresh shim: idle usage, a backlog released at once, usage with all of it running, then done.
+    With ``profile``, the shim's Python work from the release until all pods run, by part."""
     with Shim(env, max_jobs=backlog, settings=RAISED) as shim:
         run_through(env)
         time.sleep(2.0)
@@ -404,9 +414,11 @@ def backlog_run(env: Environment, backlog: int) -> BacklogRun:
         shim.consume(False)
         env.pods.hold = None
         ids = publish(env, backlog)
+        sampler = Sampler(shim.process.pid, env.workdir / "backlog-profile.txt").start() if profile else None
         shim.consume(True)
         names = env.jobs.names_of(ids, 600)
         wait_for(lambda: env.pods.held(NAMESPACE) >= backlog, 600, f"{backlog} pods running")
+        sampled = sampler.stop() if sampler else None
         time.sleep(2.0)  # the shim takes in the last pod events
         full = shim.usage()
         env.pods.finish_all()
@@ -415,7 +427,7 @@ def backlog_run(env: Environment, backlog: int) -> BacklogRun:
         done = shim.usage()
     wait_for(lambda: not env.cluster.api.list(collection_path("pods", NAMESPACE))[0], 300,
              "the shim's pods to be gone", interval=1.0)
-    return BacklogRun(steady_rate(env.jobs.added[name] for name in names), idle, full, done)
+    return BacklogRun(steady_rate(env.jobs.added[name] for name in names), idle, full, done, sampled)
 
 
 def footprint_rows(runs: list[BacklogRun], backlog: int, raw_cpu: Spread) -> list[Row]:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import AuditLog  # noqa: E402
 from bench.measure import Plan, no_op_spec, split  # noqa: E402
 from bench.output import RELAYED, requests_row  # noqa: E402
+from bench.profile import OTHER, parse_collapsed  # noqa: E402
 from bench.realnode import (COMMANDS, FLOOR, GAP_PARTS, IMPORT, MOUNTED, RUNNER, SECRET, SHIM, START,  # noqa: E402
                             Sample,
                             bare_job, containers_terminated, difference, epoch, gap_parts, p50s, printed_time,
@@ -240,3 +241,25 @@ def test_burst_row_pairs_the_bursts_run_by_run():
     assert "4 threads of the official client" in row.reference
     [slow] = burst_rows([Burst(SHIM, 14.0, 14.5), Burst(IMPORT, 10.0)], 50, 4, 0.5, 1.5)
     assert slow.met == "no" and slow.ratio.startswith("1.40")
+
+
+def test_profile_puts_each_sampled_stack_in_the_first_part_that_matches_it():
+    collapsed = "\n".join([
+        "thread (0x1): watch;_bootstrap (threading.py:1002);Watcher._run (k8s_celery/watch.py:70);"
+        "KubeApi.watch (k8s_celery/cluster.py:280);loads (json/__init__.py:346);"
+        "JSONDecoder.decode (json/decoder.py:337) 30",
+        "thread (0x1): watch;_bootstrap (threading.py:1002);Watcher._run (k8s_celery/watch.py:70);"
+        "KubeApi.stream (k8s_celery/cluster.py:300) 10",
+        "thread (0x2): reconcile;WorkQueue._work (k8s_celery/workqueue.py:118);Launcher.launch (k8s_celery/launcher.py:78);"
+        "KubeApi.request (k8s_celery/cluster.py:230);loads (json/__init__.py:346);"
+        "JSONDecoder.decode (json/decoder.py:337) 20",
+        "thread (0x3): MainThread;asynloop (celery/worker/loops.py:97);EventDispatcher.flush (celery/events/dispatcher.py:1) 15",
+        "thread (0x3): MainThread;_find_and_load (<frozen importlib._bootstrap>:1176) 5",
+    ])
+    profile = parse_collapsed(collapsed, rate=100)
+    assert profile.samples == {"watch: decoding events (JSON)": 30, "watch: reading the HTTP stream": 10,
+                               "launch: API requests (HTTP, JSON)": 20, "Celery consumer: task events": 15,
+                               OTHER: 5}
+    assert profile.ms_per_task(tasks=10)["watch: decoding events (JSON)"] == pytest.approx(30.0)
+    assert profile.describe(tasks=10).startswith("watch: decoding events (JSON) 30.00 (38%); "
+                                                 "launch: API requests (HTTP, JSON) 20.00 (25%)")
