@@ -477,7 +477,20 @@ def pod_side(env: Environment, plan: Plan) -> list[Row]:
             f"prefork worker (-c 1): {Spread.of(ms(prefork)).format(1)}, of which apply_async → "
             f"task-received {Spread.of(ms(prefork_delivery)).format(1)}",
             f"{ratios(shim, prefork).format(0)}×", "–", "–"),
+        process_kubelet_row(shim, import_app, run_task),
     ]
+
+
+def process_kubelet_row(shim: list[float], import_app: list[float], run_task: list[float]) -> Row:
+    """The no-op through the shim and the process kubelet against its pod's imports run as a
+    process (issue 23's floor), by the ratio of the medians (the runs are not interleaved)."""
+    shim_ms, floor_ms, runner_ms = (Spread.of(ms(values)) for values in (shim, import_app, run_task))
+    ratio = shim_ms.median / floor_ms.median
+    return Row("6. no-op `apply_async` → result on the process kubelet, against its pod's command as a process "
+               "(ms, p50)", f"{shim_ms.median:.0f}",
+               f"`python -c 'import celery, bench.benchapp'` {floor_ms.median:.0f}; the whole `k8s-celery "
+               f"run-task` {runner_ms.median:.0f} ({shim_ms.median / runner_ms.median:.2f}×)",
+               f"{ratio:.2f}×", "p50 ≤ 1.3× the imports", verdict(ratio <= 1.3))
 
 
 def wall(argv: list[str], env: Environment, capture: bool = False) -> tuple[float, bytes]:

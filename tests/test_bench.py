@@ -263,3 +263,12 @@ def test_profile_puts_each_sampled_stack_in_the_first_part_that_matches_it():
     assert profile.ms_per_task(tasks=10)["watch: decoding events (JSON)"] == pytest.approx(30.0)
     assert profile.describe(tasks=10).startswith("watch: decoding events (JSON) 30.00 (38%); "
                                                  "launch: API requests (HTTP, JSON) 20.00 (25%)")
+
+
+def test_process_kubelet_row_judges_the_ratio_of_the_medians_against_the_imports():
+    from bench.measure import process_kubelet_row
+
+    row = process_kubelet_row(shim=[0.44, 0.40, 0.50], import_app=[0.20, 0.21, 0.19], run_task=[0.33, 0.32, 0.30])
+    assert (row.shim, row.ratio, row.met) == ("440", "2.20×", "no")
+    assert row.reference == "`python -c 'import celery, bench.benchapp'` 200; the whole `k8s-celery run-task` 320 (1.38×)"
+    assert process_kubelet_row([0.25], [0.20], [0.22]).met == "yes"
