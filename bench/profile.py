@@ -53,11 +53,11 @@ class Profile:
         return {part: count / self.rate * 1000 / tasks for part, count in self.samples.items()}
 
     def describe(self, tasks: int) -> str:
-        """``part ms (share)`` for each part with samples, the largest first."""
+        """``part ms (share)`` for each part sampled, the largest first."""
         per_task = self.ms_per_task(tasks)
         ordered = sorted(self.samples, key=self.samples.get, reverse=True)
         return "; ".join(f"{part} {per_task[part]:.2f} ({self.samples[part] / self.total:.0%})"
-                         for part in ordered if self.samples[part])
+                         for part in ordered)
 
 
 def function_names(stack: str) -> list[str]:
