@@ -456,12 +456,21 @@ def footprint_rows(runs: list[BacklogRun], backlog: int, raw_cpu: Spread) -> lis
 # -- 6: pod-side overhead --------------------------------------------------------------------
 
 
+#: What a pod's process imports before its task can run, cumulatively: Celery and the app (the
+#: floor of issue 23), then the app's result backend built (its client library imported).
+IMPORT_APP = "import celery, bench.benchapp"
+BUILD_BACKEND = IMPORT_APP + "; bench.benchapp.app.backend"
+
+
 def pod_side(env: Environment, plan: Plan) -> list[Row]:
     """The price of isolation: a no-op in its own pod, against a bare interpreter and prefork."""
     import_celery = [wall([sys.executable, "-c", "import celery"], env)[0] for _ in range(plan.pod_runs + 1)][1:]
-    import_app = [wall([sys.executable, "-c", "import celery, bench.benchapp"], env)[0]
-                  for _ in range(plan.pod_runs + 1)][1:]
-    run_task = [run_task_once(env)[0] for _ in range(plan.pod_runs + 1)][1:]
+    import_app, build_backend, run_task = [], [], []
+    for _ in range(plan.pod_runs + 1):  # interleaved; the first of each is not counted
+        import_app.append(wall([sys.executable, "-c", IMPORT_APP], env)[0])
+        build_backend.append(wall([sys.executable, "-c", BUILD_BACKEND], env)[0])
+        run_task.append(run_task_once(env)[0])
+    import_app, build_backend, run_task = import_app[1:], build_backend[1:], run_task[1:]
     with prefork_worker(env):
         prefork, prefork_delivery = dispatch_to_result(env, plan.pod_runs, queue="prefork")
     with Shim(env, max_jobs=2):
@@ -469,7 +478,7 @@ def pod_side(env: Environment, plan: Plan) -> list[Row]:
     return [
         Row("6. `k8s-celery run-task`, no-op, payload → result stored (ms, wall)",
             Spread.of(ms(run_task)).format(0),
-            f"`python -c 'import celery, bench.benchapp'` {Spread.of(ms(import_app)).format(0)}; "
+            f"`python -c '{IMPORT_APP}'` {Spread.of(ms(import_app)).format(0)}; "
             f"`import celery` alone {Spread.of(ms(import_celery)).format(0)}",
             f"{ratios(run_task, import_app).format(2)}×", "–", "–"),
         Row("6. no-op `apply_async` → result (ms)",
@@ -478,6 +487,7 @@ def pod_side(env: Environment, plan: Plan) -> list[Row]:
             f"task-received {Spread.of(ms(prefork_delivery)).format(1)}",
             f"{ratios(shim, prefork).format(0)}×", "–", "–"),
         process_kubelet_row(shim, import_app, run_task),
+        pod_time_row(shim, import_app, build_backend, run_task),
     ]
 
 
@@ -488,9 +498,25 @@ def process_kubelet_row(shim: list[float], import_app: list[float], run_task: li
     ratio = shim_ms.median / floor_ms.median
     return Row("6. no-op `apply_async` → result on the process kubelet, against its pod's command as a process "
                "(ms, p50)", f"{shim_ms.median:.0f}",
-               f"`python -c 'import celery, bench.benchapp'` {floor_ms.median:.0f}; the whole `k8s-celery "
+               f"`python -c '{IMPORT_APP}'` {floor_ms.median:.0f}; the whole `k8s-celery "
                f"run-task` {runner_ms.median:.0f} ({shim_ms.median / runner_ms.median:.2f}×)",
                f"{ratio:.2f}×", "p50 ≤ 1.3× the imports", verdict(ratio <= 1.3))
+
+
+def pod_time_row(shim: list[float], import_app: list[float], build_backend: list[float],
+                 run_task: list[float]) -> Row:
+    """Where the no-op's time on the process kubelet goes beyond its pod's imports, by the
+    differences of the medians: building the app's result backend (importing its client
+    library), the rest of ``run-task`` (payload, signals, logging, the tracer, the result),
+    then the shim and the kubelet around the process. The ratio is against the imports
+    with the result backend built, a floor no pod that stores a result goes under."""
+    shim_ms, floor_ms, backend_ms, runner_ms = (Spread.of(ms(values)).median
+                                                for values in (shim, import_app, build_backend, run_task))
+    return Row("6. where the no-op's time on the process kubelet goes (ms, p50)",
+               f"imports {floor_ms:.0f}; the result backend built +{backend_ms - floor_ms:.0f}; the rest of "
+               f"`run-task` +{runner_ms - backend_ms:.0f}; the shim and the kubelet +{shim_ms - runner_ms:.0f}",
+               f"`python -c '{BUILD_BACKEND}'` {backend_ms:.0f}",
+               f"{shim_ms / backend_ms:.2f}×", "–", "–")
 
 
 def wall(argv: list[str], env: Environment, capture: bool = False) -> tuple[float, bytes]:

@@ -272,3 +272,14 @@ def test_process_kubelet_row_judges_the_ratio_of_the_medians_against_the_imports
     assert (row.shim, row.ratio, row.met) == ("440", "2.20×", "no")
     assert row.reference == "`python -c 'import celery, bench.benchapp'` 200; the whole `k8s-celery run-task` 320 (1.38×)"
     assert process_kubelet_row([0.25], [0.20], [0.22]).met == "yes"
+
+
+def test_pod_time_row_splits_the_no_op_by_the_differences_of_the_medians():
+    from bench.measure import pod_time_row
+
+    row = pod_time_row(shim=[0.37, 0.38, 0.36], import_app=[0.21, 0.22, 0.20], build_backend=[0.30, 0.31, 0.29],
+                       run_task=[0.31, 0.32, 0.33])
+    assert row.shim == ("imports 210; the result backend built +90; the rest of `run-task` +20; "
+                        "the shim and the kubelet +50")
+    assert row.reference == "`python -c 'import celery, bench.benchapp; bench.benchapp.app.backend'` 300"
+    assert (row.ratio, row.met) == ("1.23×", "–")
