@@ -474,7 +474,7 @@ def pod_side(env: Environment, plan: Plan) -> list[Row]:
     with prefork_worker(env):
         prefork, prefork_delivery = dispatch_to_result(env, plan.pod_runs, queue="prefork")
     with Shim(env, max_jobs=2):
-        shim, _ = dispatch_to_result(env, plan.pod_runs)
+        shim, shim_delivery = dispatch_to_result(env, plan.pod_runs)
     return [
         Row("6. `k8s-celery run-task`, no-op, payload → result stored (ms, wall)",
             Spread.of(ms(run_task)).format(0),
@@ -482,7 +482,8 @@ def pod_side(env: Environment, plan: Plan) -> list[Row]:
             f"`import celery` alone {Spread.of(ms(import_celery)).format(0)}",
             f"{ratios(run_task, import_app).format(2)}×", "–", "–"),
         Row("6. no-op `apply_async` → result (ms)",
-            f"k8s-celery, process kubelet: {Spread.of(ms(shim)).format(0)}",
+            f"k8s-celery, process kubelet: {Spread.of(ms(shim)).format(0)}, of which apply_async → "
+            f"task-received {Spread.of(ms(shim_delivery)).format(1)}",
             f"prefork worker (-c 1): {Spread.of(ms(prefork)).format(1)}, of which apply_async → "
             f"task-received {Spread.of(ms(prefork_delivery)).format(1)}",
             f"{ratios(shim, prefork).format(0)}×", "–", "–"),
@@ -562,10 +563,11 @@ def dispatch_to_result(env: Environment, runs: int, **options) -> tuple[list[flo
 
 @contextmanager
 def prefork_worker(env: Environment) -> Iterator[None]:
-    """A stock ``celery worker -P prefork -c 1 -E`` consuming the ``prefork`` queue."""
+    """A stock ``celery worker -P prefork -c 1 -E`` consuming the ``prefork`` queue, logging at
+    the shim's level (INFO: Celery logs each task it receives before it sends ``task-received``)."""
     hostname = f"prefork-{uuid.uuid4().hex[:6]}@bench"
     argv = [sys.executable, "-m", "celery", "-A", "bench.benchapp", "worker", "-P", "prefork", "-c", "1", "-E",
-            "-Q", "prefork", "-n", hostname, "--without-mingle", "--without-gossip", "-l", "WARNING"]
+            "-Q", "prefork", "-n", hostname, "--without-mingle", "--without-gossip", "-l", "INFO"]
     with open(env.workdir / f"{hostname}.log", "ab") as log:
         environ = {**env.app_environ, "PATH": "/usr/bin:/bin", "C_FORCE_ROOT": "1"}
         process = subprocess.Popen(argv, env=environ, stdout=log, stderr=subprocess.STDOUT)
