@@ -47,7 +47,6 @@ def ride_out_restarts(redis_server, url: str, k8s_cluster, k8s_namespace: str, t
     write_manifest(manifests, "kubernetes", url)
     producer = Celery("redis_restart", broker=url, backend=url, set_as_current=False)
     shim = Shim(k8s_cluster, k8s_namespace, manifests=manifests, log_dir=tmp_path, broker_url=url)
-    results = []
     try:
         shim.start(producer)
         results = [producer.send_task("taskapp.count", (f"redis-restart-{i}", 12), queue="kubernetes")

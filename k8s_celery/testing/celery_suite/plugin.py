@@ -116,12 +116,11 @@ def bounded_manager(app, celery_session_worker):
     wait_until_idle(manager, float(_options().get("idle_timeout", 90)), celery_session_worker.hostname)
 
 
-def wait_until_idle(manager, timeout: float, worker: str | None = None) -> None:
+def wait_until_idle(manager, timeout: float, worker: str) -> None:
     """``Manager.wait_until_idle`` that gives up after ``timeout`` seconds.
 
-    Purges the queue, then waits until ``inspect active`` (of ``worker``, else of every
-    worker that answers within a second) lists no task but those already reported
-    stuck; raises ``AssertionError`` with the tasks still active
+    Purges the queue, then waits until ``inspect active`` of ``worker`` lists no task
+    but those already reported stuck; raises ``AssertionError`` with the tasks still active
     (and remembers them) when the time is up.
     """
     from kombu.exceptions import ContentDisallowed
@@ -131,7 +130,7 @@ def wait_until_idle(manager, timeout: float, worker: str | None = None) -> None:
     with manager.app.connection() as connection:
         while control.purge(connection=connection):
             pass
-        inspect = control.inspect(timeout=1.0, destination=[worker] if worker else None)
+        inspect = control.inspect(timeout=1.0, destination=[worker])
         inspect.connection = connection
         while True:
             try:
