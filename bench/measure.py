@@ -27,8 +27,9 @@ from k8s_celery.manifest import ANNOTATION_PAYLOAD_MODE, TaskSpec, build_secret,
 
 from .harness import (NAMESPACE, QUEUE, RAW_NAMESPACE, SHIM_USER, Environment, Shim, Usage, pace,
                       timestamp, wait_for)
+from .cpu import OTHER, CpuRecorder, CpuShare, budget_per_job
 from .profile import Profile, Sampler
-from .stats import Spread, percentile, ratios, spread_of_percentile, steady_rate
+from .stats import Spread, percentile, ratios, spread_of_percentile, steady_rate, steady_window
 
 #: Where a figure is about the shim's own speed rather than about its throttles, the
 #: client-side rate limit (default 50 requests/s, bursts of 100: about 16 tasks/s at 3
@@ -349,17 +350,19 @@ class BacklogRun:
     idle: Usage
     full: Usage
     done: Usage
+    launch: Launch
     profile: Profile | None = None
 
 
 def throughput(env: Environment, plan: Plan) -> list[Row]:
     """Jobs/s with a backlog against raw concurrent creates; the shim's footprint at that backlog."""
-    jobs_only, pairs, raw_cpu, shim = [], [], [], []
+    jobs_only, pairs, raw_cpu, raw_launches, shim = [], [], [], [], []
     for repeat in range(plan.repeats):
         jobs_only.append(raw_create_rate(env, plan, with_secret=False)[0])
-        rate, cpu = raw_create_rate(env, plan, with_secret=True)
+        rate, cpu, launch = raw_create_rate(env, plan, with_secret=True)
         pairs.append(rate)
         raw_cpu.append(cpu * MS)
+        raw_launches.append(launch)
         shim.append(backlog_run(env, plan.backlog, profile=plan.profile and repeat == 0))
     rates = [run.rate for run in shim]
     ratio = ratios(rates, pairs)
@@ -370,6 +373,7 @@ def throughput(env: Environment, plan: Plan) -> list[Row]:
             f"{ratio.format(2)}× (Job + Secret); {ratios(rates, jobs_only).format(2)}× (Jobs alone)",
             "≥ 0.9× the ceiling", verdict(ratio.median >= 0.9)),
         *footprint_rows(shim, plan.backlog, Spread.of(raw_cpu)),
+        *cpu_rows([run.launch for run in shim], raw_launches, Spread.of(pairs).median, plan.backlog),
         *[profile_row(run.profile, plan.backlog) for run in shim if run.profile],
     ]
 
@@ -379,9 +383,9 @@ def profile_row(profile: Profile, backlog: int) -> Row:
                "ms a task)", profile.describe(backlog), "–", "–", "–", "–")
 
 
-def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[float, float]:
+def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[float, float, Launch]:
     """Jobs/s of ``plan.backlog`` Jobs (and their payload Secrets) created by concurrent threads,
-    and the client's CPU seconds per Job.
+    the client's CPU seconds per Job, and the launch's pace and CPU until all their pods run.
 
     The client runs in its own process (``bench.rawcreate``) with the shim's identity.
     """
@@ -393,21 +397,54 @@ def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[fl
     path = env.workdir / "raw-objects.json"
     path.write_text(json.dumps(objects))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-m", "bench.rawcreate", str(env.shim_kubeconfig),
-                    str(plan.ceiling_threads), str(path)], env={**os.environ, **env.app_environ}, check=True)
+    with CpuRecorder(cluster_processes(env)) as recorder:
+        client = subprocess.Popen([sys.executable, "-m", "bench.rawcreate", str(env.shim_kubeconfig),
+                                   str(plan.ceiling_threads), str(path)], env={**os.environ, **env.app_environ})
+        recorder.add(CLIENT, client.pid)
+        if client.wait():
+            raise subprocess.CalledProcessError(client.returncode, client.args)
+        names = [pair["job"]["metadata"]["name"] for pair in objects]
+        env.jobs.wait_added(names, 60)
+        wait_for(lambda: all(name in env.pods.since for name in names), 600, f"{len(names)} raw pods running")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / plan.backlog
-    names = [pair["job"]["metadata"]["name"] for pair in objects]
-    env.jobs.wait_added(names, 60)
-    rate = steady_rate(env.jobs.added[name] for name in names)
+    launch = Launch.of([env.jobs.added[name] for name in names], [env.pods.since[name] for name in names],
+                       recorder)
     env.clear_raw_jobs()
-    return rate, cpu
+    return launch.jobs_rate, cpu, launch
+
+
+def cluster_processes(env: Environment) -> dict[str, int]:
+    """The processes that share the machine with the client that launches Jobs, by name."""
+    processes = {name: env.cluster.processes[name].process.pid
+                 for name in ("kube-apiserver", "etcd", "kube-controller-manager")}
+    return {**processes, "Redis": env.redis.process.process.pid, BENCH: os.getpid()}
+
+
+@dataclass
+class Launch:
+    """A backlog's launch: its pace, and the machine's CPU while Jobs were created at a steady
+    rate and from the first Job to the last pod running."""
+
+    jobs_rate: float  # Jobs created a second, between the 5th and 95th percentile of their creation
+    pods_rate: float  # pods running a second, likewise
+    steady: CpuShare  # between the 5th and 95th percentile of the Jobs' creation, per Job
+    whole: CpuShare  # from the first Job created to the last pod running, per task
+
+    @classmethod
+    def of(cls, created: list[float], running: list[float], recorder: CpuRecorder) -> Launch:
+        start, end, jobs = steady_window(created)
+        rate = jobs / (end - start)
+        first, last = min(created), max(running)
+        return cls(rate, steady_rate(running), recorder.share(start, end, rate),
+                   recorder.share(first, last, len(created) / (last - first)))
 
 
 def backlog_run(env: Environment, backlog: int, profile: bool = False) -> BacklogRun:
     """A fresh shim: idle usage, a backlog released at once, usage with all of it running, then done.
     With ``profile``, the shim's Python work from the release until all pods run, by part."""
-    with Shim(env, max_jobs=backlog, settings=RAISED) as shim:
+    with Shim(env, max_jobs=backlog, settings=RAISED) as shim, CpuRecorder(cluster_processes(env)) as recorder:
+        recorder.add(CLIENT, shim.process.pid)
         run_through(env)
         time.sleep(2.0)
         idle = shim.usage()
@@ -421,13 +458,15 @@ def backlog_run(env: Environment, backlog: int, profile: bool = False) -> Backlo
         sampled = sampler.stop() if sampler else None
         time.sleep(2.0)  # the shim takes in the last pod events
         full = shim.usage()
+        launch = Launch.of([env.jobs.added[name] for name in names], [env.pods.since[name] for name in names],
+                           recorder)
         env.pods.finish_all()
         env.events.wait(ids, 600)
         env.jobs.wait_deleted(names, 600)
         done = shim.usage()
     wait_for(lambda: not env.cluster.api.list(collection_path("pods", NAMESPACE))[0], 300,
              "the shim's pods to be gone", interval=1.0)
-    return BacklogRun(steady_rate(env.jobs.added[name] for name in names), idle, full, done, sampled)
+    return BacklogRun(launch.jobs_rate, idle, full, done, launch, sampled)
 
 
 def footprint_rows(runs: list[BacklogRun], backlog: int, raw_cpu: Spread) -> list[Row]:
@@ -451,6 +490,53 @@ def footprint_rows(runs: list[BacklogRun], backlog: int, raw_cpu: Spread) -> lis
             f"at most one per launch thread ({LAUNCH_THREADS}), watch (2) and the sweep", "–",
             "no growth with in-flight tasks", verdict(all(full <= bound for _, full, _ in conns))),
     ]
+
+
+#: The names of the launching process and of the bench's own in :class:`CpuShare`.
+CLIENT = "the client"
+BENCH = "the bench (process kubelet, watches)"
+
+
+def cpu_rows(shim: list[Launch], raw: list[Launch], ceiling: float, backlog: int) -> list[Row]:
+    """The machine's CPU in the shim's launches and the ceiling's (Job + Secret): a Job while Jobs
+    are created at a steady rate, with what the cores leave the shim at 0.9× the ceiling once the
+    rest of its runs has had its share; and a task from the first Job to the last pod running."""
+    cores = os.cpu_count()
+    target_rate = 0.9 * ceiling
+    rest = Spread.of(launch.steady.without(CLIENT) for launch in shim)
+    budget = budget_per_job(cores, target_rate, rest.median)
+    spends = Spread.of(launch.steady.ms_per_job[CLIENT] for launch in shim)
+    raw_spends = Spread.of(launch.steady.ms_per_job[CLIENT] for launch in raw)
+    pods = Spread.of(launch.pods_rate for launch in shim)
+    raw_pods = Spread.of(launch.pods_rate for launch in raw)
+    return [
+        Row(f"4. the machine's CPU while a backlog of {backlog} launches, between the 5th and 95th "
+            f"percentile of the Jobs' creation ({cores} cores; ms a Job, by process)",
+            describe_shares([launch.steady for launch in shim], "the shim"),
+            f"raw creates of Job + Secret: {describe_shares([launch.steady for launch in raw], 'the raw client')}",
+            f"at 0.9× the ceiling ({target_rate:.0f} Jobs/s) {cores} cores give {cores * MS / target_rate:.1f} "
+            f"ms a Job; the rest of the shim's runs took {rest.format()}, which leaves the shim {budget:.1f} "
+            f"(it spent {spends.format()}, the raw client {raw_spends.format()})",
+            "–", "–"),
+        Row("4. the same from the first Job created to the last pod running (ms a task, by process; "
+            "pods running a second between the 5th and 95th percentile)",
+            f"{describe_shares([launch.whole for launch in shim], 'the shim')}; pods running {pods.format()}/s",
+            f"raw creates of Job + Secret: {describe_shares([launch.whole for launch in raw], 'the raw client')}; "
+            f"pods running {raw_pods.format()}/s",
+            f"{ratios([launch.pods_rate for launch in shim], [launch.pods_rate for launch in raw]).format(2)}× "
+            "(pods running a second)", "–", "–"),
+    ]
+
+
+def describe_shares(shares: list[CpuShare], client: str) -> str:
+    """``the shim 7.9 (7.5–8.1); kube-apiserver 3.2 …; in all 14.5 …, 1.9 … cores busy``."""
+    names = sorted(shares[0].ms_per_job, key=lambda name: (name != CLIENT, name == OTHER,
+                                                           -shares[0].ms_per_job[name]))
+    parts = [f"{client if name == CLIENT else name} "
+             f"{Spread.of(share.ms_per_job.get(name, 0.0) for share in shares).format()}" for name in names]
+    total = Spread.of(share.total_ms_per_job for share in shares)
+    busy = Spread.of(share.cores_busy for share in shares)
+    return "; ".join(parts) + f"; in all {total.format()}, {busy.format(2)} cores busy"
 
 
 # -- 6: pod-side overhead --------------------------------------------------------------------

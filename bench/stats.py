@@ -68,9 +68,15 @@ def steady_rate(times: Iterable[float], trim: float = 0.05) -> float:
 
     Leaves out the ramp-up and the tail, so that a burst's rate is its steady state.
     """
+    start, end, events = steady_window(times, trim)
+    return events / (end - start)
+
+
+def steady_window(times: Iterable[float], trim: float = 0.05) -> tuple[float, float, int]:
+    """The times of the ``trim`` and ``1 - trim`` quantile events, and the events between them."""
     ordered = sorted(times)
     if len(ordered) < 3:
         raise ValueError("a rate needs at least three events")
     first = int(len(ordered) * trim)
     last = len(ordered) - 1 - first
-    return (last - first) / (ordered[last] - ordered[first])
+    return ordered[first], ordered[last], last - first

@@ -11,8 +11,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cpu import OTHER as OTHER_PROCESSES  # noqa: E402
+from bench.cpu import CpuRecorder, CpuShare, budget_per_job, machine_busy_seconds  # noqa: E402
+from bench.cpu import Sample as CpuSample  # noqa: E402
 from bench.harness import AuditLog  # noqa: E402
-from bench.measure import Plan, no_op_spec, split  # noqa: E402
+from bench.measure import CLIENT, Launch, Plan, cpu_rows, describe_shares, no_op_spec, split  # noqa: E402
 from bench.output import RELAYED, requests_row  # noqa: E402
 from bench.profile import OTHER, parse_collapsed  # noqa: E402
 from bench.realnode import (COMMANDS, FLOOR, GAP_PARTS, IMPORT, MOUNTED, RUNNER, SECRET, SHIM, START,  # noqa: E402
@@ -22,7 +25,7 @@ from bench.realnode import (COMMANDS, FLOOR, GAP_PARTS, IMPORT, MOUNTED, RUNNER,
 from bench.realnode import rows as node_rows  # noqa: E402
 from k8s_celery.manifest import PAYLOAD_ENV  # noqa: E402
 from bench.stats import (Spread, markdown_table, percentile, ratios, spread_of_percentile,  # noqa: E402
-                         steady_rate)
+                         steady_rate, steady_window)
 
 
 def test_percentile_interpolates_like_numpy():
@@ -283,3 +286,97 @@ def test_pod_time_row_splits_the_no_op_by_the_differences_of_the_medians():
                         "the shim and the kubelet +50")
     assert row.reference == "`python -c 'import celery, bench.benchapp; bench.benchapp.app.backend'` 300"
     assert (row.ratio, row.met) == ("1.23×", "–")
+
+
+def test_steady_window_is_the_interval_steady_rate_divides_by():
+    times = [0.0] + [1.0 + i * 0.01 for i in range(98)] + [50.0]
+    start, end, events = steady_window(times, trim=0.05)
+    assert (start, events) == (times[5], 89)
+    assert end == pytest.approx(times[94])
+    assert steady_rate(times, trim=0.05) == pytest.approx(events / (end - start))
+
+
+def test_machine_busy_seconds_counts_user_nice_system_irq_softirq_steal(tmp_path):
+    stat = tmp_path / "stat"
+    tick = __import__("os").sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(f"cpu  {tick} {tick} {tick} {50 * tick} {7 * tick} {tick} {tick} {tick} {tick} 0\ncpu0 1 2 3\n")
+    assert machine_busy_seconds(stat) == pytest.approx(6.0)
+
+
+def recorder_with(samples: list[CpuSample]) -> CpuRecorder:
+    recorder = CpuRecorder({})
+    recorder.samples = samples
+    return recorder
+
+
+def test_cpu_share_is_per_job_between_the_samples_around_the_window_and_the_rest_is_other():
+    recorder = recorder_with([
+        CpuSample(10.0, 100.0, {"apiserver": 5.0}),
+        CpuSample(11.0, 101.0, {"apiserver": 5.5, "client": 1.0}),
+        CpuSample(12.0, 102.8, {"apiserver": 6.3, "client": 1.8}),
+        CpuSample(13.0, 104.6, {"apiserver": 7.1, "client": 2.6}),
+        CpuSample(14.0, 105.0, {"apiserver": 7.2, "client": 2.7}),
+    ])
+    share = recorder.share(11.2, 12.9, jobs_per_second=100.0)  # samples at 11.0 and 13.0
+    assert share.cores_busy == pytest.approx(1.8)
+    assert share.ms_per_job["apiserver"] == pytest.approx(8.0)
+    assert share.ms_per_job["client"] == pytest.approx(8.0)
+    assert share.ms_per_job[OTHER_PROCESSES] == pytest.approx(2.0)
+    assert share.total_ms_per_job == pytest.approx(18.0)
+    assert share.without("client") == pytest.approx(10.0)
+    # a process first sampled inside the window is left to "other processes"
+    late = recorder.share(10.0, 12.0, jobs_per_second=100.0)
+    assert "client" not in late.ms_per_job
+    assert late.ms_per_job[OTHER_PROCESSES] == pytest.approx((1.4 - 0.65) * 10)
+    with pytest.raises(ValueError):
+        recorder_with([CpuSample(10.0, 1.0, {})]).share(9.0, 11.0, 1.0)
+
+
+def test_cpu_recorder_sees_a_busy_process_use_about_one_core():
+    spin = __import__("subprocess").Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with CpuRecorder({"spin": spin.pid}, interval=0.1) as recorder:
+            __import__("time").sleep(1.5)
+        share = recorder.share(recorder.samples[2].at, recorder.samples[-3].at, jobs_per_second=1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert 0.8 <= share.ms_per_job["spin"] / 1000 <= 1.05
+    assert share.cores_busy >= share.ms_per_job["spin"] / 1000 - 0.05
+
+
+def test_budget_per_job_is_what_the_cores_leave_at_the_rate():
+    assert budget_per_job(2, 100.0, rest_ms_per_job=12.0) == pytest.approx(8.0)
+    assert budget_per_job(2, 200.0, rest_ms_per_job=12.0) == pytest.approx(-2.0)
+
+
+def test_cpu_rows_take_the_rest_of_the_shim_s_runs_from_the_cores_at_nine_tenths_of_the_ceiling():
+    whole = CpuShare(2.0, {CLIENT: 10.0, "kube-apiserver": 8.0})
+    shim = [Launch(100.0, 90.0, CpuShare(1.9, {CLIENT: 8.0, "kube-apiserver": 5.0, OTHER_PROCESSES: 1.0}), whole),
+            Launch(110.0, 99.0, CpuShare(1.8, {CLIENT: 9.0, "kube-apiserver": 6.0, OTHER_PROCESSES: 1.0}), whole)]
+    raw = [Launch(rate, 120.0, CpuShare(1.9, {CLIENT: 2.5, "kube-apiserver": 7.0, OTHER_PROCESSES: 0.5}),
+                  CpuShare(2.0, {CLIENT: 2.0, "kube-apiserver": 9.0})) for rate in (160.0, 170.0)]
+    steady, launch = cpu_rows(shim, raw, ceiling=160.0, backlog=1000)
+    cores = __import__("os").cpu_count()
+    budget = cores * 1000 / 144 - 6.5
+    assert f"leaves the shim {budget:.1f}" in steady.ratio
+    assert "it spent 8.5 (8.0–9.0), the raw client 2.5 (2.5–2.5)" in steady.ratio
+    assert steady.reference.startswith("raw creates of Job + Secret: the raw client 2.5 (2.5–2.5); "
+                                       "kube-apiserver 7.0 (7.0–7.0); ")
+    assert describe_shares([run.steady for run in shim], "the shim") == (
+        "the shim 8.5 (8.0–9.0); kube-apiserver 5.5 (5.0–6.0); other processes 1.0 (1.0–1.0); "
+        "in all 15.0 (14.0–16.0), 1.85 (1.80–1.90) cores busy")
+    assert launch.shim.endswith("pods running 94.5 (90.0–99.0)/s")
+    assert launch.ratio == "0.79 (0.75–0.82)× (pods running a second)"
+
+
+def test_launch_takes_rates_and_cpu_from_the_steady_part_and_the_whole_of_it():
+    recorder = recorder_with([CpuSample(float(t), t * 2.0, {"client": t * 0.5}) for t in range(0, 12)])
+    created = [1.0 + i * 0.1 for i in range(41)]  # 1.0 .. 5.0
+    running = [c + 5.0 for c in created]  # 6.0 .. 10.0
+    launch = Launch.of(created, running, recorder)
+    assert launch.jobs_rate == pytest.approx(10.0) and launch.pods_rate == pytest.approx(10.0)
+    assert launch.steady.cores_busy == pytest.approx(2.0)
+    assert launch.steady.ms_per_job["client"] == pytest.approx(50.0)
+    assert launch.whole.ms_per_job["client"] == pytest.approx(0.5 * 9.0 / 41 * 1000)
