@@ -287,6 +287,17 @@ def write_outcome(outcome: outcomes.Outcome, path: str) -> None:
         log.error("cannot write the termination message to %s: %s", path, exc)
 
 
+def decode_body(app, payload: dict) -> tuple:
+    """The task's ``(args, kwargs, embed)`` from the message body, decoded as Celery's tracer
+    would in a pool process: kombu's ``DecodeError`` or ``ContentDisallowed`` if it cannot be,
+    ``TypeError`` or ``ValueError`` if it is not those three."""
+    from kombu.serialization import loads, prepare_accept_content
+
+    args, kwargs, embed = loads(payload["body"], payload["content_type"], payload["content_encoding"],
+                                accept=prepare_accept_content(app.conf.accept_content))
+    return args, kwargs, embed
+
+
 def run(payload_path: str | None = None, app_name: str | None = None,
         termination_log: str | None = None) -> int:
     """Run the task described by the payload; return the process exit code."""
@@ -313,6 +324,7 @@ def run(payload_path: str | None = None, app_name: str | None = None,
 
             raise NotRegistered(f"{payload['task']!r} is not registered in the app {app_name!r} this pod "
                                 "loads (is the pod's image older than the worker's?)")
+        arguments = decode_body(app, payload)
     except Exception as exc:
         # Nothing reached the result backend: the worker stores this failure, as Celery
         # does for a pool process that could not run the task.
@@ -334,9 +346,8 @@ def run(payload_path: str | None = None, app_name: str | None = None,
         return 0
     log.info("running %s[%s]", payload["task"], payload["id"])
     with SoftTimeLimit(payload.get("soft_time_limit")) as soft_limit:
-        failed, retval, runtime = trace_task_ret(
-            payload["task"], payload["id"], payload["request"], payload["body"],
-            payload["content_type"], payload["content_encoding"], app=app)
+        failed, retval, runtime = trace_task_ret(  # no content type: the arguments are decoded
+            payload["task"], payload["id"], payload["request"], arguments, None, None, app=app)
     result = describe(failed, retval, runtime or (time.monotonic() - started))
     result.soft_limit_hit = soft_limit.hit
     write_outcome(result, termination_log)

@@ -211,6 +211,11 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+#: The pod's app refuses pickle while the worker's takes it, as when the worker's image is newer
+#: than the pods' (``tests/apps/taskapp.py``).
+POD_REFUSES_PICKLE = [{"name": "TASKAPP_ACCEPT", "value": "json"}]
+
+
 def jobs_in(cluster, namespace: str) -> list[dict]:
     from k8s_celery.cluster import collection_path
 

@@ -103,6 +103,21 @@ def test_unknown_task_and_bad_payload(tmp_path, app):
     assert o.decode(log.read_text()).state == o.FAILURE
 
 
+@pytest.mark.parametrize("body, content_type, error, module", [
+    (b"\x00not json", "application/json", "DecodeError", "kombu.exceptions"),
+    (b"a: 1", "application/x-yaml", "ContentDisallowed", "kombu.exceptions"),  # not in accept_content
+    (b"\x80\x04N.", "application/x-python-serialize", "TypeError", "builtins"),  # None, not (args, kwargs, embed)
+])
+def test_a_body_that_cannot_be_decoded_is_a_failure_the_worker_stores(tmp_path, app, body, content_type, error,
+                                                                      module):
+    """As a prefork pool process whose tracer cannot decode the body: the exception goes to the
+    worker, which stores it, so the pod reports the task as not run."""
+    code, outcome = run(tmp_path, app, "taskapp.add", [], body=base64.b64encode(body).decode(),
+                        content_type=content_type)
+    assert code == 2 and outcome.state == o.FAILURE and outcome.not_run
+    assert (outcome.exc_type, outcome.exc_module) == (error, module)
+
+
 def start_task(tmp_path, app, task, args, **extra) -> tuple[subprocess.Popen, object]:
     log = tmp_path / "termination-log"
     process = subprocess.Popen([sys.executable, "-m", "k8s_celery", "run-task", "-A", app, "--payload",

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import jobs_in, running_pod_of, write_manifest
+from conftest import POD_REFUSES_PICKLE, jobs_in, running_pod_of, write_manifest
 from k8s_celery.cluster import collection_path
 from k8s_celery.manifest import (ANNOTATION_PAYLOAD, ANNOTATION_PAYLOAD_MODE, ANNOTATION_TASK_ID, ENV_PAYLOAD_LIMIT,
                                  LABEL_QUEUE, LABEL_TASK_HASH, MANAGED_BY, MANAGED_SELECTOR, payload_secret_name,
@@ -188,6 +188,25 @@ def test_bad_messages_do_not_stop_the_worker(start_shim, taskapp, redis_server):
     assert "malformed-1" in log or "invalid" in log.lower() or "Can't decode message body" in log
     assert "PayloadTooLarge" in log or "cannot run as a Job" in log
     wait_until(lambda: unacked(redis_server) == 0, message="every message settled")
+
+
+@pytest.mark.parametrize("payload_mode", ["private", "inline"])
+def test_a_body_the_pod_cannot_decode_fails_the_task_in_the_backend(
+        payload_mode, start_shim, taskapp, redis_server, manifests, broker_url):
+    """The worker decodes each message as it takes it (Celery's consumer does), so a body only the
+    pod cannot decode is one its app refuses. As a prefork pool process whose tracer raises, the
+    worker stores that failure and acks, through either payload path."""
+    write_manifest(manifests, "kubernetes", broker_url, extra_env=POD_REFUSES_PICKLE,
+                   job_annotations={ANNOTATION_PAYLOAD_MODE: "inline"} if payload_mode == "inline" else None)
+    shim = start_shim()
+    result = taskapp.add.apply_async((1, 2), serializer="pickle")
+    with pytest.raises(Exception) as raised:
+        result.get(timeout=60)
+    assert result.state == "FAILURE"
+    assert type(raised.value).__name__ == "ContentDisallowed", repr(raised.value)
+    wait_until(lambda: unacked(redis_server) == 0, message="the message to be acked")
+    assert f"Task taskapp.add[{result.id}] could not run" in shim.log()
+    assert taskapp.add.delay(1, 2).get(timeout=60) == 3, "the worker goes on"
 
 
 def test_stock_celery_worker_with_custom_pool(start_shim, taskapp, k8s_cluster, k8s_namespace):

@@ -21,7 +21,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     task_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
     result_serializer=os.environ.get("TASKAPP_SERIALIZER", "json"),
-    accept_content=["json", "pickle"],
+    # A pod given TASKAPP_ACCEPT=json plays an image whose app no longer accepts pickle.
+    accept_content=os.environ.get("TASKAPP_ACCEPT", "json,pickle").split(","),
     result_accept_content=["json", "pickle"],
     broker_transport_options={"visibility_timeout": float(os.environ.get("TASKAPP_VISIBILITY_TIMEOUT", 3600)),
                               # sweep for abandoned messages every second (default: ~100 s)

@@ -79,10 +79,11 @@ def task_container(image: str, broker_url: str, name: str = "task", **fields) ->
 
 def write_real_manifest(directory: Path, queue: str, broker_url: str, image: str, *,
                         resources: dict | None = None, sidecars: list | None = None,
-                        annotations: dict | None = None, **pod_spec) -> Path:
+                        annotations: dict | None = None, extra_env: list | None = None, **pod_spec) -> Path:
     """A queue's Job manifest running the test app's image; ``sidecars`` follow the task container,
-    ``annotations`` go on the Job."""
+    ``annotations`` go on the Job, ``extra_env`` on the task container."""
     container = task_container(image, broker_url, **({"resources": resources} if resources else {}))
+    container["env"] += extra_env or []
     metadata = {"labels": {"app": "taskapp"}, **({"annotations": annotations} if annotations else {})}
     manifest = {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,

@@ -1,7 +1,7 @@
 """The payload's ways into a real container: the environment (from the payload Secret) for
 most tasks, the Secret mounted for payloads too large for it, a Secret that came after the
 pod, which the kubelet would otherwise start only after its back-off, and an inline queue's
-payload through the downward API."""
+payload through the downward API; a body the pod cannot decode, through either."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from k8s_celery.launcher import ANNOTATION_PAYLOAD_READY
 from k8s_celery.manifest import (ANNOTATION_PAYLOAD, ANNOTATION_PAYLOAD_MODE, ENV_PAYLOAD_LIMIT, MANAGED_SELECTOR,
                                  PAYLOAD_ENV)
 from k8s_celery.testing import wait_until
+
+from conftest import POD_REFUSES_PICKLE
 
 from .conftest import write_real_manifest
 
@@ -98,3 +100,19 @@ def test_an_inline_queue_s_payload_reaches_the_container_through_the_downward_ap
     secrets, _ = real_cluster.api.list(collection_path("secrets", real_namespace), label_selector=MANAGED_SELECTOR)
     assert secrets == []
     assert taskapp.child_environment.delay(PAYLOAD_ENV).get(timeout=120) is None
+
+
+@pytest.mark.parametrize("payload_mode", ["private", "inline"])
+def test_a_body_the_pod_cannot_decode_is_a_failure_in_the_backend(
+        payload_mode, start_real_shim, taskapp, pod_recorder, redis_server, tmp_path, pod_broker_url, taskapp_image):
+    manifests = tmp_path / "refusing-manifests"
+    write_real_manifest(manifests, "kubernetes", pod_broker_url, taskapp_image.name, extra_env=POD_REFUSES_PICKLE,
+                        annotations={ANNOTATION_PAYLOAD_MODE: "inline"} if payload_mode == "inline" else None)
+    start_real_shim(manifests=manifests)
+    result = taskapp.add.apply_async((1, 2), serializer="pickle")
+    with pytest.raises(Exception) as raised:
+        result.get(timeout=120)
+    assert result.state == "FAILURE" and type(raised.value).__name__ == "ContentDisallowed", repr(raised.value)
+    [state] = wait_until(lambda: pod_recorder.terminated(result.id), message="the pod's end")
+    assert (state["reason"], state["exitCode"]) == ("Error", 2)
+    wait_until(lambda: redis_server.client().hlen("unacked") == 0, message="the message to be acked")
