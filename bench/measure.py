@@ -408,8 +408,7 @@ def raw_create_rate(env: Environment, plan: Plan, with_secret: bool) -> tuple[fl
         wait_for(lambda: all(name in env.pods.since for name in names), 600, f"{len(names)} raw pods running")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / plan.backlog
-    launch = Launch.of([env.jobs.added[name] for name in names], [env.pods.since[name] for name in names],
-                       recorder)
+    launch = Launch.of_jobs(env, names, recorder)
     env.clear_raw_jobs()
     return launch.jobs_rate, cpu, launch
 
@@ -439,6 +438,11 @@ class Launch:
         return cls(rate, steady_rate(running), recorder.share(start, end, rate),
                    recorder.share(first, last, len(created) / (last - first)))
 
+    @classmethod
+    def of_jobs(cls, env: Environment, names: list[str], recorder: CpuRecorder) -> Launch:
+        """The launch of the Jobs ``names``, from when the bench saw each created and its pod running."""
+        return cls.of([env.jobs.added[name] for name in names], [env.pods.since[name] for name in names], recorder)
+
 
 def backlog_run(env: Environment, backlog: int, profile: bool = False) -> BacklogRun:
     """A fresh shim: idle usage, a backlog released at once, usage with all of it running, then done.
@@ -458,8 +462,7 @@ def backlog_run(env: Environment, backlog: int, profile: bool = False) -> Backlo
         sampled = sampler.stop() if sampler else None
         time.sleep(2.0)  # the shim takes in the last pod events
         full = shim.usage()
-        launch = Launch.of([env.jobs.added[name] for name in names], [env.pods.since[name] for name in names],
-                           recorder)
+        launch = Launch.of_jobs(env, names, recorder)
         env.pods.finish_all()
         env.events.wait(ids, 600)
         env.jobs.wait_deleted(names, 600)
